@@ -1,0 +1,46 @@
+# Entry points. `make install` builds .venv once (re-run when pyproject.toml or constraints.txt change).
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+EXP        ?= byol_cifar
+ARGS       ?=
+CKPT       ?=
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: install test lint data demo pretrain linear-eval bench clean
+
+install: $(VENV)/.installed
+
+# pip on these machines is configured with a local folder holding a CPU-only torch that PyPI's torchvision
+# cannot import against; PIP_FIND_LINKS=" " switches it off so torch and torchvision come from the index together.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON_SYS) -m venv $(VENV)
+	PIP_FIND_LINKS=" " $(PY) -m pip install --quiet --upgrade pip
+	PIP_FIND_LINKS=" " $(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Fashion-MNIST offline: Debian ships it; install it where apt is available and nothing is found.
+data:
+	@if [ -f data/FashionMNIST/raw/train-images-idx3-ubyte ] || [ -d $(FMNIST_DEB) ]; then \
+		echo "Fashion-MNIST found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+		echo "installed Debian's dataset-fashion-mnist into $(FMNIST_DEB)"; \
+	else \
+		echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or set data.download=true"; exit 1; \
+	fi
+
+pretrain: install
+	$(PY) -m ssl.pretrain +experiment=$(EXP) $(ARGS)
+
+linear-eval: install
+	$(PY) -m ssl.linear_eval ckpt=$(CKPT) $(ARGS)
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache .ruff_cache
