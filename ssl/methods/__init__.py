@@ -7,6 +7,7 @@ mirrors), `teacher` (same names and shapes, no gradients, moved by `ssl.ema`), o
 """
 
 import importlib
+import inspect
 
 from torch import nn
 
@@ -16,12 +17,17 @@ from ssl.methods.base import MethodOutput
 METHODS = {"byol": "ssl.methods.byol:BYOL", "dino": "ssl.methods.dino:DINO"}
 
 
-def build_method(name: str, backbone: nn.Module, **kwargs) -> nn.Module:
-    """Build method `name` (one of `METHODS`) around `backbone`; `kwargs` are the method's own arguments."""
+def build_method(name: str, backbone: nn.Module, epochs: int, **kwargs) -> nn.Module:
+    """Build method `name` (one of `METHODS`) around `backbone`; `kwargs` are the method's own arguments.
+
+    `epochs` (the run's length) is passed on to methods whose schedules need it (DINO's teacher temperature).
+    """
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     module_name, class_name = METHODS[name].split(":")
     method_class = getattr(importlib.import_module(module_name), class_name)
+    if "epochs" in inspect.signature(method_class).parameters:
+        kwargs["epochs"] = epochs
     try:
         return method_class(backbone, **kwargs)
     except TypeError as error:
