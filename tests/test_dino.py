@@ -1,0 +1,175 @@
+import math
+import random
+
+import pytest
+import torch
+
+from ssl.errors import UserError
+from ssl.methods import build_method
+from ssl.methods.dino import (
+    DINO,
+    dino_loss,
+    loss_pairs,
+    teacher_probabilities,
+    teacher_temperature_schedule,
+)
+from ssl.models.vit import VisionTransformer
+
+BATCH = 4
+
+
+def tiny_dino(**kwargs) -> DINO:
+    torch.manual_seed(0)
+    backbone = VisionTransformer(dim=16, depth=1, num_heads=2, patch_size=4, image_size=16)
+    options = {"epochs": 4, "out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 8, **kwargs}
+    return DINO(backbone, **options)
+
+
+def multicrop(num_local: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return ([torch.randn(BATCH, 3, 16, 16, generator=generator) for _ in range(2)]
+            + [torch.randn(BATCH, 3, 8, 8, generator=generator) for _ in range(num_local)])
+
+
+def last_layer_grads(method: DINO) -> list:
+    return [param.grad for param in method.student.head.last_layer.parameters()]
+
+
+def softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(value - max(values)) for value in values]
+    return [exp / sum(exps) for exp in exps]
+
+
+@pytest.mark.parametrize("num_local", [0, 1, 3])
+def test_loss_equals_a_hand_computation(num_local):
+    rng = random.Random(num_local)
+    batch, classes, teacher_temp, student_temp = 2, 3, 0.07, 0.1
+    center = [0.3, -0.2, 0.1]
+    student = [[[rng.uniform(-1, 1) for _ in range(classes)] for _ in range(batch)] for _ in range(2 + num_local)]
+    teacher = [[[rng.uniform(-1, 1) for _ in range(classes)] for _ in range(batch)] for _ in range(2)]
+
+    terms = []
+    for g in range(2):
+        for v in range(2 + num_local):
+            if v == g:
+                continue
+            per_sample = []
+            for b in range(batch):
+                q = softmax([(t - c) / teacher_temp for t, c in zip(teacher[g][b], center)])
+                p = softmax([s / student_temp for s in student[v][b]])
+                per_sample.append(-sum(qk * math.log(pk) for qk, pk in zip(q, p)))
+            terms.append(sum(per_sample) / batch)
+    expected = sum(terms) / len(terms)
+
+    probs = teacher_probabilities(torch.tensor(teacher, dtype=torch.float64).flatten(0, 1),
+                                  torch.tensor(center), teacher_temp)
+    loss = dino_loss(list(torch.tensor(student, dtype=torch.float64)), probs.chunk(2), student_temp)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_local", range(11))
+def test_each_global_view_teaches_every_other_view(num_local):
+    pairs = loss_pairs(2 + num_local)
+    assert len(pairs) == 2 * (2 + num_local) - 2
+    assert len(set(pairs)) == len(pairs) and all(g != v and g in (0, 1) for g, v in pairs)
+
+
+def test_center_follows_its_moving_average_after_the_loss():
+    method = tiny_dino(center_momentum=0.9)
+    method.center.normal_()
+    before = method.center.clone()
+    captured = []
+    method.teacher.head.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    method(multicrop(), epoch=0)
+    torch.testing.assert_close(method.center, 0.9 * before + 0.1 * captured[0].mean(dim=0))
+    assert "center" in dict(method.named_buffers()) and "center" not in dict(method.named_parameters())
+
+    method.eval()(multicrop(), epoch=0)
+    torch.testing.assert_close(method.center, 0.9 * before + 0.1 * captured[0].mean(dim=0))
+
+
+def test_teacher_temperature_warms_up_linearly_then_stays():
+    schedule = teacher_temperature_schedule(10, 0.04, 0.07, warmup_epochs=5)
+    assert len(schedule) == 10
+    assert schedule[0].item() == pytest.approx(0.04) and schedule[4].item() == pytest.approx(0.07)
+    assert schedule[5:].tolist() == pytest.approx([0.07] * 5)
+    assert torch.all(schedule.diff() >= 0)
+    assert teacher_temperature_schedule(3, 0.04, 0.07, warmup_epochs=0).tolist() == pytest.approx([0.07] * 3)
+
+    method = tiny_dino(epochs=4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2)
+    assert method(multicrop(0), epoch=0).logs["teacher_temp"].item() == pytest.approx(0.04)
+    assert method(multicrop(0), epoch=3).logs["teacher_temp"].item() == pytest.approx(0.07)
+
+
+def test_last_layer_is_frozen_during_the_first_epochs_only():
+    method = tiny_dino(freeze_last_layer=1, norm_last_layer=False, clip_grad=0)
+    for epoch, frozen in ((0, True), (1, False)):
+        method.zero_grad(set_to_none=True)
+        method(multicrop(1), epoch=epoch).loss.backward()
+        method.before_optimizer_step(epoch)
+        assert all((grad is None) == frozen for grad in last_layer_grads(method))
+        assert method.student.head.mlp[0].weight.grad is not None
+
+
+def test_normalised_last_layer_has_unit_rows_and_a_fixed_magnitude():
+    method = tiny_dino(norm_last_layer=True)
+    magnitude = method.student.head.last_layer.parametrizations.weight.original0
+    assert not magnitude.requires_grad
+    torch.testing.assert_close(method.student.head.last_layer.weight.norm(dim=1), torch.ones(32))
+
+
+def test_teacher_never_receives_gradients():
+    method = tiny_dino()
+    output = method(multicrop(), epoch=1)
+    output.loss.backward()
+    assert output.loss.requires_grad and not output.teacher_features.requires_grad
+    assert all(not param.requires_grad and param.grad is None for param in method.teacher.parameters())
+    assert method.student.backbone.patch_embed.weight.grad is not None
+
+
+def test_gradients_are_clipped_per_parameter():
+    method = tiny_dino(clip_grad=3.0, freeze_last_layer=0)
+    params = [param for param in method.student.parameters() if param.requires_grad]
+    for index, param in enumerate(params):
+        param.grad = torch.randn_like(param) * (100.0 if index % 2 else 1e-3)
+    before = [param.grad.clone() for param in params]
+    method.before_optimizer_step(epoch=0)
+    for param, old in zip(params, before):
+        norm = param.grad.norm().item()
+        assert norm <= 3.0 + 1e-4
+        if old.norm() > 3.0:
+            assert norm == pytest.approx(3.0, rel=1e-4)
+            torch.testing.assert_close(param.grad / norm, old / old.norm())
+        else:
+            torch.testing.assert_close(param.grad, old)
+
+
+def test_one_backbone_call_per_resolution_and_the_teacher_sees_globals_only():
+    method = tiny_dino().eval()
+    calls = {"student": [], "teacher": []}
+    for role in calls:
+        getattr(method, role).backbone.register_forward_hook(
+            lambda module, inputs, output, role=role: calls[role].append(len(inputs[0])))
+    views = multicrop(num_local=3)
+    output = method(views, epoch=0)
+    assert calls == {"student": [2 * BATCH, 3 * BATCH], "teacher": [2 * BATCH]}
+
+    with torch.no_grad():
+        torch.testing.assert_close(output.teacher_features, method.teacher.backbone(views[0]))
+    assert output.teacher_features.shape == (BATCH, 16)
+    assert all(value.ndim == 0 for value in output.logs.values())
+    assert set(output.logs) == {"teacher_temp", "teacher_batch_entropy", "teacher_sample_entropy"}
+
+
+def test_built_by_name_with_mirrored_student_and_teacher():
+    backbone = VisionTransformer(dim=16, depth=1, num_heads=2, patch_size=4, image_size=16)
+    method = build_method("dino", backbone, epochs=2, out_dim=8, hidden_dim=16, bottleneck_dim=4)
+    student, teacher = method.student.state_dict(), method.teacher.state_dict()
+    assert list(student) == list(teacher)
+    assert all(torch.equal(student[name], teacher[name]) for name in student)
+    assert "center" in method.state_dict() and "teacher_temps" not in method.state_dict()
+
+
+def test_a_single_view_is_a_user_error():
+    with pytest.raises(UserError, match="2 global crops"):
+        tiny_dino()(multicrop()[:1], epoch=0)
