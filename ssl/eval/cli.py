@@ -1,0 +1,91 @@
+"""What the downstream entry points share: the checkpoint, its default data config, the device, the report."""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ssl.errors import UserError
+from ssl.eval.preprocess import check_channels
+from ssl.models.export import load_export
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def select_data_from_export() -> None:
+    """Before Hydra parses the command line: without `data=...`, choose configs/data/<export's dataset>.yaml.
+
+    Appending `data=<name>` to the arguments (rather than filling the config in later) keeps `data.root=...`
+    and every other `data.*` override working exactly as with an explicit `data=<name>`.
+    """
+    args = sys.argv[1:]
+    if any(arg.split("=", 1)[0].lstrip("+~") == "data" for arg in args):
+        return
+    ckpt = next((arg.split("=", 1)[1] for arg in args if arg.startswith("ckpt=")), None)
+    if not ckpt:
+        return  # the entry point itself reports the missing ckpt
+    dataset = load_export(ckpt)["dataset"]
+    if not (CONFIG_DIR / "data" / f"{dataset}.yaml").is_file():
+        raise UserError(f"the export was trained on {dataset!r}, which has no configs/data/{dataset}.yaml; "
+                        "pass data=<name> to choose the evaluation data")
+    sys.argv.append(f"data={dataset}")
+
+
+def checkpoint(cfg: DictConfig) -> Path:
+    """The export named by `ckpt=`, which every downstream tool requires."""
+    if not cfg.get("ckpt"):
+        raise UserError("no checkpoint given; pass ckpt=PATH/teacher.pt (an export written by ssl.pretrain)")
+    return Path(cfg.ckpt)
+
+
+def results_dir(cfg: DictConfig, ckpt: Path, tool: str) -> Path:
+    """`run_dir=` if given, else `<ckpt dir>/<tool>_<ckpt stem>/`: results stay beside the model they describe."""
+    return Path(cfg.run_dir) if cfg.get("run_dir") else ckpt.parent / f"{tool}_{ckpt.stem}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is a user error, not a crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def write_report(directory: Path, name: str, report: dict[str, Any]) -> Path:
+    """Write `report` as `<directory>/<name>.json` and return the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """uint8 images, labels (both on `device`) and the class count of a data split (`train_split`, ...).
+
+    Image folders are decoded once into memory (in `data.num_workers` processes): downstream sets are expected
+    to fit. Data whose channel count differs from the export's is refused.
+    """
+    from ssl.data import BatchLoader, build_dataset
+
+    dataset = build_dataset(data_cfg, split)
+    loader = BatchLoader(dataset, data_cfg.batch_size, device, shuffle=False, drop_last=False, seed=0)
+    batches = list(loader.epoch(0))
+    images = torch.cat([images for images, _, _ in batches])
+    labels = torch.cat([labels for _, labels, _ in batches])
+    check_channels(meta, images.shape[1], f"data {data_cfg.name}")
+    return images, labels, dataset.num_classes
+
+
+def elapsed_since(start: float, device: torch.device) -> float:
+    """Seconds since `start` (a `time.perf_counter()`), after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
