@@ -35,8 +35,7 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     device = cli.resolve_device(cfg.device)
     backbone = load_backbone(ckpt, device)
     meta = backbone.export_meta
-    if cfg.get("data") is None:
-        raise UserError("no evaluation data: pass data=<name> (a file in configs/data/)")
+    cli.require_data(cfg)
     train_images, train_labels, num_classes = cli.load_split(cfg.data, "train_split", meta, device)
     test_images, test_labels, _ = cli.load_split(cfg.data, "test_split", meta, device)
 

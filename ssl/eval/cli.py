@@ -42,6 +42,12 @@ def checkpoint(cfg: DictConfig) -> Path:
     return Path(cfg.ckpt)
 
 
+def require_data(cfg: DictConfig) -> None:
+    """The `data` group must be chosen (by `data=...` or, on the command line, by the export's dataset)."""
+    if cfg.get("data") is None:
+        raise UserError("no data config chosen; pass data=<name> (a file in configs/data/)")
+
+
 def results_dir(cfg: DictConfig, ckpt: Path, tool: str) -> Path:
     """`run_dir=` if given, else `<ckpt dir>/<tool>_<ckpt stem>/`: results stay beside the model they describe."""
     return Path(cfg.run_dir) if cfg.get("run_dir") else ckpt.parent / f"{tool}_{ckpt.stem}"
