@@ -76,7 +76,7 @@ def test_mix64_matches_unsigned_reference_despite_signed_shifts():
 
 
 def test_uniform_is_in_unit_interval_and_well_spread():
-    u = uniform(counter_keys(torch.arange(20000), 0, 0), stream=0, count=2)
+    u = uniform(counter_keys(torch.arange(20000), 0, 0), count=2)
     assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     assert abs(torch.corrcoef(u.T)[0, 1].item()) < 0.03  # draws of a stream are uncorrelated

@@ -45,19 +45,20 @@ from ssl.errors import UserError
 CROP_ATTEMPTS = 10
 
 
-class Stream(IntEnum):
-    """Independent random streams of one (seed, epoch, view, sample)."""
-
-    CROP_AREA = 0
-    CROP_RATIO = 1
-    CROP_POSITION = 2
-    FLIP = 3
-    JITTER = 4
-    JITTER_FACTORS = 5
-    JITTER_ORDER = 6
-    GRAYSCALE = 7
-    BLUR = 8
-    SOLARIZE = 9
+# The uniform draws of one (seed, epoch, view, sample), by column. New quantities go at the end, so adding one
+# never changes the others.
+_DRAWS = {
+    "crop_area": CROP_ATTEMPTS,
+    "crop_ratio": CROP_ATTEMPTS,
+    "crop_position": 2,
+    "flip": 1,
+    "jitter": 1,
+    "jitter_factors": 4,
+    "jitter_order": 4,
+    "grayscale": 1,
+    "blur": 2,
+    "solarize": 1,
+}
 
 
 class JitterOp(IntEnum):
@@ -196,19 +197,21 @@ def to_gray(images: Tensor) -> Tensor:
 def shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Rotate the HSV hue of RGB images in [0, 1] by ``shift`` (B,) turns, keeping saturation and value."""
     red, green, blue = images.unbind(dim=1)
-    value, _ = images.max(dim=1)
-    chroma = value - images.min(dim=1).values
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
     safe_chroma = torch.where(chroma > 0, chroma, 1.0)
     sector = torch.where(
         value == red,
         (green - blue) / safe_chroma,
         torch.where(value == green, (blue - red) / safe_chroma + 2, (red - green) / safe_chroma + 4),
     )
-    hue = torch.remainder(sector / 6 + shift[:, None, None], 1.0)
+    hue = sector / 6 + shift[:, None, None]
+    hue = hue - hue.floor()  # into [0, 1)
     # HSV -> RGB in closed form: channel n (R=5, G=3, B=1) is V - C * clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 * hue) mod 6, and V * S = C.
     offsets = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype)
-    k = torch.remainder(offsets[None, :, None, None] + 6 * hue[:, None], 6.0)
+    k = offsets[None, :, None, None] + 6 * hue[:, None]
+    k = torch.where(k >= 6, k - 6, k)  # k < 11, so one wrap is enough
     return value[:, None] - chroma[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
@@ -222,8 +225,8 @@ def _blend(images: Tensor, op: Tensor, factor: Tensor) -> Tensor:
         gray,
         torch.where(op == JitterOp.CONTRAST, gray.mean(dim=(1, 2, 3), keepdim=True), 0.0),
     )
-    factor = factor.view(-1, 1, 1, 1)
-    return (factor * images + (1 - factor) * reference).clamp_(0, 1)
+    # lerp(ref, x, 1) computes x - (x - ref) * 0: exactly x.
+    return torch.lerp(reference, images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def color_jitter(images: Tensor, jitter: Tensor, order: Tensor, with_hue: bool = True) -> Tensor:
@@ -326,42 +329,39 @@ class ViewAugmenter:
         """The random parameters of view ``view`` for samples ``indices`` (int64 (B,)) of (height, width) images."""
         recipe = self.views[view]
         keys = counter_keys(indices, self.seed, epoch, view)
-
-        def draw(stream: Stream, count: int = 1) -> Tensor:
-            return uniform(keys, stream, count)
-
+        draws = dict(zip(_DRAWS, uniform(keys, sum(_DRAWS.values())).split(list(_DRAWS.values()), dim=1)))
         boxes = sample_crop_boxes(
-            draw(Stream.CROP_AREA, CROP_ATTEMPTS),
-            draw(Stream.CROP_RATIO, CROP_ATTEMPTS),
-            draw(Stream.CROP_POSITION, 2),
+            draws["crop_area"],
+            draws["crop_ratio"],
+            draws["crop_position"],
             height,
             width,
             recipe.crop_scale,
             recipe.crop_ratio,
         )
         colour = self.channels == 3
-        u = draw(Stream.JITTER_FACTORS, 4)
+        u = draws["jitter_factors"]
         factors = [
             _factor(u[:, 0], recipe.brightness),
             _factor(u[:, 1], recipe.contrast),
             _factor(u[:, 2], recipe.saturation if colour else 0.0),
             (2 * u[:, 3] - 1) * (recipe.hue if colour else 0.0),
         ]
-        jitter_on = draw(Stream.JITTER)[:, 0] < recipe.jitter_prob
+        jitter_on = draws["jitter"][:, 0] < recipe.jitter_prob
         identity = (1.0, 1.0, 1.0, 0.0)
         jitter = torch.stack([torch.where(jitter_on, f, i) for f, i in zip(factors, identity)], dim=1)
-        blur = draw(Stream.BLUR, 2)
+        blur = draws["blur"]
         sigma_low, sigma_high = recipe.blur_sigma
         return ViewParams(
             boxes=boxes,
-            flip=draw(Stream.FLIP)[:, 0] < recipe.flip_prob,
+            flip=draws["flip"][:, 0] < recipe.flip_prob,
             jitter=jitter,
-            jitter_order=draw(Stream.JITTER_ORDER, 4),
-            grayscale=(draw(Stream.GRAYSCALE)[:, 0] < recipe.grayscale_prob) & colour,
+            jitter_order=draws["jitter_order"],
+            grayscale=(draws["grayscale"][:, 0] < recipe.grayscale_prob) & colour,
             blur_sigma=torch.where(
                 blur[:, 0] < recipe.blur_prob, sigma_low + (sigma_high - sigma_low) * blur[:, 1], 0.0
             ),
-            solarize=draw(Stream.SOLARIZE)[:, 0] < recipe.solarize_prob,
+            solarize=draws["solarize"][:, 0] < recipe.solarize_prob,
         )
 
     def __call__(self, images: Tensor, indices: Tensor, epoch: int) -> list[Tensor]:

@@ -2,7 +2,7 @@
 
 A stateful ``torch.Generator`` hands out numbers in call order, so a sample's augmentation would depend on
 where it sits in a batch, on the batch size and on the number of processes. Here a sample's numbers are
-``splitmix64`` hashes of (seed, epoch, view, sample index, stream, draw), so any sample can be (re)drawn alone,
+``splitmix64`` hashes of (seed, epoch, view, sample index, draw number), so any sample can be (re)drawn alone,
 in any batch, on CPU or CUDA, with bit-identical results.
 
 Torch has no unsigned 64-bit arithmetic on every device, so the hash runs on int64: additions and
@@ -16,7 +16,6 @@ from torch import Tensor
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2**64 / golden ratio, odd
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-_DRAWS_PER_STREAM = 1 << 16
 
 
 def _int64(value: int) -> int:
@@ -52,15 +51,9 @@ def permutation(count: int, *counters: int, device: torch.device | str = "cpu") 
     return counter_keys(torch.arange(count, device=device), *counters).argsort()
 
 
-def uniform(keys: Tensor, stream: int, count: int = 1) -> Tensor:
-    """(B, count) float32 uniform in [0, 1): draws ``0..count-1`` of ``stream`` for each key.
-
-    Streams separate the random quantities of a sample (crop, flip, ...), so adding draws to one never
-    changes another.
-    """
-    if not 0 < count <= _DRAWS_PER_STREAM:
-        raise ValueError(f"count must be in 1..{_DRAWS_PER_STREAM}, got {count}")
-    counters = stream * _DRAWS_PER_STREAM + torch.arange(count, device=keys.device, dtype=torch.int64)
-    bits = mix64(keys[:, None] + counters * _int64(_GOLDEN))
+def uniform(keys: Tensor, count: int) -> Tensor:
+    """(B, count) float32 uniform in [0, 1): draws ``1..count`` of each key, in one batched hash."""
+    draws = torch.arange(1, count + 1, device=keys.device, dtype=torch.int64)
+    bits = mix64(keys[:, None] + draws * _int64(_GOLDEN))
     # The top 24 bits fill float32's mantissa exactly: values k / 2**24, never 1.0.
     return _shift_right(bits, 40).to(torch.float32) * (1.0 / (1 << 24))
