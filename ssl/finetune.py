@@ -3,7 +3,8 @@
 The backbone (rebuilt from the export alone) and a linear head train end to end with AdamW: a separate, smaller
 lr for the backbone, warm-up then cosine, random crop + flip views. Reports test top-1 / top-5 and writes
 `<run_dir>/finetune.json` plus `<run_dir>/finetuned.pt`: an export in the `teacher.pt` format (role "finetuned",
-`ssl.load_backbone` reads it) that also carries the head as `head = {"weight", "bias"}`.
+`ssl.load_backbone` reads it) that also carries the head (`head = {"weight", "bias"}`) and the class names
+(`classes`).
 """
 
 import time
@@ -16,7 +17,7 @@ from ssl.errors import run_cli
 from ssl.eval import cli
 from ssl.eval.finetuning import Classifier, predict, train_classifier
 from ssl.eval.metrics import topk_accuracy
-from ssl.models.export import META_KEYS, load_backbone, save_export
+from ssl.models.export import load_backbone
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
@@ -26,7 +27,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     backbone = load_backbone(ckpt, device)
     meta = backbone.export_meta
     cli.require_data(cfg)
-    train_images, train_labels, num_classes = cli.load_split(cfg.data, "train_split", meta, device)
+    train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
+    num_classes = len(classes)
     test_images, test_labels, _ = cli.load_split(cfg.data, "test_split", meta, device)
 
     model = Classifier(backbone, num_classes, meta).to(device)
@@ -39,11 +41,10 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     top1, top5 = (100 * topk_accuracy(logits, test_labels, k).item() for k in (1, 5))
 
     out_dir = cli.results_dir(cfg, ckpt, "finetune")
-    source_meta = {key: meta[key] for key in META_KEYS if key not in ("backbone", "feature_dim")}
     head = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
-    export = save_export(out_dir / "finetuned.pt", model.backbone,
-                         **{**source_meta, "role": "finetuned", "dataset": cfg.data.name, "num_classes": num_classes,
-                            "epoch": cfg.train.epochs, "head": head, "source": str(ckpt)})
+    export = cli.save_downstream_export(out_dir / "finetuned.pt", model.backbone, meta, role="finetuned",
+                                        dataset=cfg.data.name, num_classes=num_classes, classes=classes,
+                                        epoch=cfg.train.epochs, head=head, source=str(ckpt))
     report = {
         "ckpt": str(ckpt), "data": cfg.data.name, "num_train": len(train_labels), "num_test": len(test_labels),
         "top1": top1, "top5": top5, "train_loss": losses, "seconds": train_seconds,

@@ -36,7 +36,8 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     backbone = load_backbone(ckpt, device)
     meta = backbone.export_meta
     cli.require_data(cfg)
-    train_images, train_labels, num_classes = cli.load_split(cfg.data, "train_split", meta, device)
+    train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
+    num_classes = len(classes)
     test_images, test_labels, _ = cli.load_split(cfg.data, "test_split", meta, device)
 
     start = time.perf_counter()

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from ssl.errors import UserError
 from ssl.eval.preprocess import check_channels
-from ssl.models.export import load_export
+from ssl.models.export import META_KEYS, load_export, save_export
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -73,8 +74,8 @@ def write_report(directory: Path, name: str, report: dict[str, Any]) -> Path:
 
 
 def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """uint8 images, labels (both on `device`) and the class count of a data split (`train_split`, ...).
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images and labels (both on `device`) of a data split (`train_split`, ...), and the class names.
 
     Image folders are decoded once into memory (in `data.num_workers` processes): downstream sets are expected
     to fit. Data whose channel count differs from the export's is refused.
@@ -87,7 +88,14 @@ def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],
     images = torch.cat([images for images, _, _ in batches])
     labels = torch.cat([labels for _, labels, _ in batches])
     check_channels(meta, images.shape[1], f"data {data_cfg.name}")
-    return images, labels, dataset.num_classes
+    return images, labels, list(dataset.classes)
+
+
+def save_downstream_export(path: Path, backbone: nn.Module, meta: dict[str, Any], **changes: Any) -> Path:
+    """Export a trained-further backbone in the `teacher.pt` format, keeping the source export's metadata
+    except `changes` (role, dataset, extra tensors such as a head)."""
+    kept = {key: meta[key] for key in META_KEYS if key not in ("backbone", "feature_dim")}
+    return save_export(path, backbone, **{**kept, **changes})
 
 
 def elapsed_since(start: float, device: torch.device) -> float:
