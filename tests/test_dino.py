@@ -1,9 +1,14 @@
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import ssl
 from ssl.errors import UserError
 from ssl.methods import build_method
 from ssl.methods.dino import (
@@ -14,7 +19,9 @@ from ssl.methods.dino import (
     teacher_temperature_schedule,
 )
 from ssl.models.vit import VisionTransformer
+from tests.fixtures import write_fmnist
 
+ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
 
 
@@ -173,3 +180,32 @@ def test_built_by_name_with_mirrored_student_and_teacher():
 def test_a_single_view_is_a_user_error():
     with pytest.raises(UserError, match="2 global crops"):
         tiny_dino()(multicrop()[:1], epoch=0)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_short_fmnist_run_lowers_the_loss_and_exports_a_backbone_linear_eval_reads(tmp_path):
+    data_root = write_fmnist(tmp_path / "data", train=64, test=32)
+    run = tmp_path / "run"
+    result = run_module(
+        "ssl.pretrain", "+experiment=dino_fmnist", "logger=none", "device=cpu", f"data.root={data_root}",
+        f"run_dir={run}", "data.batch_size=16", "trainer.epochs=2", "trainer.warmup_epochs=0", "trainer.log_every=1",
+        "augment.local_crops=2", "method.kwargs.out_dim=64", "method.kwargs.hidden_dim=32",
+        "method.kwargs.bottleneck_dim=16", "method.kwargs.warmup_teacher_temp_epochs=0")
+    assert result.returncode == 0, result.stderr
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if record.get("type") != "epoch"]
+    epochs = [record for record in records if record.get("type") == "epoch"]
+    assert len(steps) == 8 and {"teacher_temp", "teacher_batch_entropy", "teacher_sample_entropy"} <= steps[0].keys()
+    assert epochs[1]["loss"] < epochs[0]["loss"] < steps[0]["loss"]
+
+    backbone = ssl.load_backbone(run / "teacher.pt")
+    assert backbone.export_meta["method"] == "dino" and backbone.export_meta["channels"] == 1
+    result = run_module("ssl.linear_eval", f"ckpt={run / 'teacher.pt'}", f"data.root={data_root}", "device=cpu",
+                        "linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.epochs=5", "knn.ks=[5]")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "linear_eval_teacher" / "linear_eval.json").read_text())
+    assert report["method"] == "dino" and 0 <= report["linear"]["top1"] <= 100
