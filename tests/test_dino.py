@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ssl
+from ssl.ema import ema_model
 from ssl.errors import UserError
 from ssl.methods import build_method
 from ssl.methods.dino import (
@@ -174,6 +175,10 @@ def test_built_by_name_with_mirrored_student_and_teacher():
     student, teacher = method.student.state_dict(), method.teacher.state_dict()
     assert list(student) == list(teacher)
     assert all(torch.equal(student[name], teacher[name]) for name in student)
+    with torch.no_grad():
+        method.student.head.last_layer.parametrizations.weight.original1.add_(1.0)
+    ema_model(method.teacher, method.student, decay=0.0, buffers="keep")
+    assert torch.equal(method.teacher.head.last_layer.weight, method.student.head.last_layer.weight)
     assert "center" in method.state_dict() and "teacher_temps" not in method.state_dict()
 
 

@@ -33,7 +33,7 @@ from ssl.methods.base import MethodOutput
 
 class DINOHead(nn.Module):
     """MLP (in -> hidden -> hidden -> bottleneck, GELU), L2 normalisation, then a weight-normalised linear layer
-    onto `out_dim` prototypes: last_layer(x) = (g / |v|) v x per output row, with g = 1.
+    onto `out_dim` prototypes: logit_k = g_k <v_k, x> / |v_k|, with every g_k initialised to 1.
 
     With `norm_last_layer` g stays frozen at 1, so the logits are cosine similarities to the prototypes.
     `weight_norm`'s parametrisation keeps g and v as plain parameters with fixed names, so a deep copy (the
