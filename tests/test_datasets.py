@@ -124,6 +124,17 @@ def test_missing_cifar_names_the_path_and_how_to_get_it(tmp_path):
     assert "\n" not in message
 
 
+def test_failed_download_says_where_to_fetch_by_hand(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3]\n Temporary failure in name resolution>")
+
+    monkeypatch.setattr(datasets.tv_datasets, "CIFAR10", offline)
+    with pytest.raises(UserError) as error:
+        build_dataset(config("cifar10", tmp_path, download=True), "train")
+    message = str(error.value)
+    assert "could not download CIFAR-10" in message and datasets.CIFAR10_URL in message and "\n" not in message
+
+
 def test_corrupt_cifar_is_a_user_error_naming_the_file(tmp_path):
     write_cifar(tmp_path, fine=False)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")

@@ -112,12 +112,12 @@ class ViewRecipe:
 
     @classmethod
     def from_mapping(cls, entry: Mapping[str, Any]) -> "ViewRecipe":
+        """From a config entry; lists become tuples, unknown keys are a `UserError`."""
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(entry) - known)
         if unknown:
             raise UserError(f"unknown augmentation key(s) {unknown}; known keys: {sorted(known)}")
-        values = {key: tuple(value) if isinstance(value, Sequence) else value for key, value in entry.items()}
-        return cls(**values)
+        return cls(**{key: _tuple_if_list(value) for key, value in entry.items()})
 
 
 @dataclass
@@ -401,6 +401,10 @@ class ViewAugmenter:
                 torch.tensor(self.std, device=device).view(shape),
             )
         return self._normalisers[device]
+
+
+def _tuple_if_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 def _factor(u: Tensor, strength: float) -> Tensor:

@@ -160,9 +160,10 @@ def _download(what: str, url: str, root: Path, fetch: Callable[[], Any]) -> None
     """Run a torchvision downloader; it fetches, checks the md5 and extracts into torchvision's layout."""
     try:
         fetch()
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # network, checksum and archive failures each have their own types
         raise UserError(
-            f"could not download {what} into {root} ({error}); fetch {url} by hand and extract it into {root}"
+            f"could not download {what} into {root} ({' '.join(str(error).split())}); fetch {url} by hand and "
+            f"extract it into {root}"
         ) from None
 
 
