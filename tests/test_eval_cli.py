@@ -1,0 +1,142 @@
+"""The downstream entry points as users run them: tiny export, tiny Fashion-MNIST fixture, one process each."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import ssl
+from ssl.linear_eval import linear_eval
+from ssl.models import build_backbone, save_export
+from ssl.models.export import FORMAT_VERSION
+from tests.fixtures import write_fmnist
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_PROBE = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.epochs=3", "knn.ks=[5,20]"]
+
+
+def tiny_export(path: Path, channels: int = 1) -> Path:
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", in_channels=channels)
+    return save_export(path, backbone, input_size=28, channels=channels, mean=[0.3] * channels,
+                       std=[0.35] * channels, dataset="fmnist", num_classes=10, method="byol", role="teacher",
+                       epoch=1)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("eval_cli")
+    return {"root": write_fmnist(tmp / "data", train=40, test=20), "ckpt": tiny_export(tmp / "run" / "teacher.pt"),
+            "tmp": tmp}
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_linear_eval_follows_the_exports_dataset_and_writes_beside_it(workspace):
+    result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                 *FAST_PROBE)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("linear_top1=") and "linear_top5=" in summary and "knn20_top1=" in summary
+    report = json.loads((workspace["ckpt"].parent / "linear_eval_teacher" / "linear_eval.json").read_text())
+    assert report["data"] == "fmnist" and report["num_train"] == 40 and report["num_test"] == 20
+    assert 0 <= report["linear"]["top1"] <= report["linear"]["top5"] <= 100
+    assert set(report["knn"]) == {"temperature", "k5_top1", "k20_top1"}
+
+
+def test_augmented_protocol_in_process(workspace):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("linear_eval", [f"ckpt={workspace['ckpt']}", "data=fmnist", f"data.root={workspace['root']}",
+                                      "device=cpu", "protocol=augmented", f"run_dir={workspace['tmp'] / 'aug'}",
+                                      *FAST_PROBE])
+    report = linear_eval(cfg)
+    assert report["protocol"] == "augmented" and (workspace["tmp"] / "aug" / "linear_eval.json").is_file()
+
+
+def test_finetune_writes_a_finetuned_export_with_its_head(workspace):
+    out = workspace["tmp"] / "finetune"
+    result = run("ssl.finetune", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                 f"run_dir={out}", "train.epochs=1", "train.batch_size=16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("finetune_top1=")
+    backbone = ssl.load_backbone(out / "finetuned.pt")
+    meta = backbone.export_meta
+    assert meta["role"] == "finetuned" and meta["head"]["weight"].shape == (10, 512) and len(meta["classes"]) == 10
+    assert 0 <= json.loads((out / "finetune.json").read_text())["top1"] <= 100
+
+
+def test_segment_on_a_tiny_mosaic_set(workspace):
+    out = workspace["tmp"] / "segment"
+    result = run("ssl.segment", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                 f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4", "train.epochs=1",
+                 "train.batch_size=4", "head=fcn")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("miou=")
+    report = json.loads((out / "segment.json").read_text())
+    assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 4
+    assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "fcn"
+
+
+class RunsCode:
+    """Unpickling this calls os.system: a checkpoint-shaped file carrying code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def bad_input(kind: str, tmp: Path) -> Path:
+    """A file of the given kind that is not a usable export for the 1-channel fixture data."""
+    path = tmp / f"{kind}.pt"
+    if kind == "full_checkpoint":
+        torch.save({"student": {}, "teacher": {}, "optimizer": {}, "epoch": 1}, path)
+    elif kind == "not_an_export":
+        torch.save({"conv.weight": torch.zeros(1)}, path)
+    elif kind == "newer_version":
+        torch.save({**torch.load(tiny_export(path), weights_only=True), "format_version": FORMAT_VERSION + 1}, path)
+    elif kind == "carries_code":
+        torch.save({"format": "ssl-backbone", "epoch": RunsCode(tmp / "marker")}, path)
+    elif kind == "three_channels":
+        tiny_export(path, channels=3)
+    return path
+
+
+BAD_INPUTS = ["missing", "full_checkpoint", "not_an_export", "newer_version", "carries_code", "three_channels"]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(workspace) -> dict[str, tuple[int, str, Path]]:
+    """`python -m ssl.linear_eval ckpt=<bad input>` for every kind at once (the runs are mostly start-up time)."""
+    runs = {}
+    for kind in BAD_INPUTS:
+        folder = workspace["tmp"] / "bad" / kind
+        folder.mkdir(parents=True)
+        command = [sys.executable, "-m", "ssl.linear_eval", f"ckpt={bad_input(kind, folder)}",
+                   f"data.root={workspace['root']}", "device=cpu"]
+        runs[kind] = (subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                      folder)
+    results = {}
+    for kind, (process, folder) in runs.items():
+        _, stderr = process.communicate(timeout=300)
+        results[kind] = (process.returncode, stderr, folder)
+    return results
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_is_one_error_line(kind, bad_input_runs):
+    returncode, stderr, folder = bad_input_runs[kind]
+    assert returncode != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert not (folder / "marker").exists()
+    assert not (folder / f"linear_eval_{kind}").exists()  # nothing is written for rejected input
