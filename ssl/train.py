@@ -155,10 +155,10 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
     augmenter = ViewAugmenter.from_config(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.channels, cfg.seed)
 
     # ---- model: backbone inside the method (student, teacher, heads) and an online linear probe
-    backbone_kwargs = {"in_channels": cfg.data.channels, **OmegaConf.to_container(cfg.backbone.kwargs)}
+    backbone_kwargs = {"in_channels": cfg.data.channels, **OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)}
     backbone = build_backbone(cfg.backbone.name, **backbone_kwargs)
     method = build_method(cfg.method.name, backbone, epochs=cfg.trainer.epochs,
-                          **OmegaConf.to_container(cfg.method.kwargs))
+                          **OmegaConf.to_container(cfg.method.kwargs, resolve=True))
     if process.distributed and cfg.method.sync_batchnorm:
         method = convert_sync_batchnorm(method, device.type)
     model = OnlineProbe(method, dataset.num_classes).to(device)
@@ -180,9 +180,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
     groups.append({"params": list(probe.parameters()), "lr_scale": cfg.optim.probe_lr / base_lr, "wd_scale": 0.0,
                    "lars_exclude": True})
     optimizer = build_optimizer(cfg.optim.name, groups, lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                                **OmegaConf.to_container(cfg.optim.kwargs))
+                                **OmegaConf.to_container(cfg.optim.kwargs, resolve=True))
     ema_schedule = build_schedule(cfg.method.ema.schedule, total_steps,
-                                  **OmegaConf.to_container(cfg.method.ema.schedule_kwargs))
+                                  **OmegaConf.to_container(cfg.method.ema.schedule_kwargs, resolve=True))
     ema = EMA(method.teacher, ema_schedule, buffers=cfg.method.ema.buffers)
 
     # ---- state: fresh, or restored exactly (weights, optimiser, EMA step, RNG) for a bit-identical continuation

@@ -1,0 +1,120 @@
+"""`python -m ssl.pretrain` end to end on a tiny Fashion-MNIST-format fixture, on the CPU."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssl
+from tests.fixtures import write_fmnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fmnist(tmp_path_factory.mktemp("data"), train=96, test=32)
+
+
+def tiny(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["+experiment=byol_fmnist", "logger=none", "device=cpu", f"data.root={data_root}", f"run_dir={run_dir}",
+            "data.batch_size=16", "trainer.epochs=3", "trainer.warmup_epochs=1", "trainer.log_every=1",
+            "method.kwargs.proj_hidden_dim=32", "method.kwargs.pred_hidden_dim=32", "method.kwargs.proj_output_dim=16",
+            *extra]
+
+
+def pretrain(*args: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl.pretrain", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **popen)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("type") != "epoch"}
+
+
+def test_run_writes_config_metrics_checkpoint_and_exports(data_root, tmp_path):
+    result = pretrain(*tiny(data_root, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "teacher.pt",
+                                               "student.pt"}
+    assert f"python -m ssl.linear_eval ckpt={run / 'teacher.pt'}" in result.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("type") != "epoch"]
+    assert [r["step"] for r in steps] == list(range(1, 19))  # 96 images / 16 = 6 steps x 3 epochs
+    assert {"loss", "lr", "tau", "probe_acc", "images_per_s"} <= steps[0].keys()
+    assert steps[-1]["tau"] == pytest.approx(1.0)  # BYOL's cosine reaches tau_end on the last step
+    assert [r["epoch"] for r in records if r.get("type") == "epoch"] == [1, 2, 3]
+
+    export = torch.load(run / "teacher.pt", weights_only=True)
+    assert export["role"] == "teacher" and export["method"] == "byol" and export["channels"] == 1
+    assert export["dataset"] == "fmnist" and export["epoch"] == 3 and export["input_size"] == 28
+    backbone = ssl.load_backbone(run / "teacher.pt")
+    assert backbone(torch.zeros(2, 1, 28, 28)).shape == (2, backbone.feature_dim)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    teacher_backbone = {k.removeprefix("method.teacher.backbone."): v for k, v in state["model"].items()
+                        if k.startswith("method.teacher.backbone.")}
+    assert all(torch.equal(teacher_backbone[k], v) for k, v in export["state_dict"].items())
+    assert state["step"] == 18 and state["ema"]["step"] == 18
+
+
+def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_path):
+    reference = pretrain(*tiny(data_root, tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "ssl.pretrain", *tiny(data_root, run)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < 18, "the signal must arrive mid-training"
+
+    resumed = pretrain(*tiny(data_root, run, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {stopped_at}" in resumed.stdout
+    expected, got = step_losses(tmp_path / "reference"), step_losses(run)
+    assert sorted(got) == sorted(expected)
+    assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(expected)], rel=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path):
+    run = tmp_path / "run"
+    assert pretrain(*tiny(data_root, run, "trainer.epochs=1")).returncode == 0
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "teacher.pt", "student.pt")}
+    result = pretrain(*tiny(data_root, run, "resume=auto", "optim.lr=1e30", "trainer.epochs=4"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: loss became non-finite at step")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.epochs=0", "trainer.epochs must be > 0"),
+    ("method.ema.schedule_kwargs.base=1.5", "must lie in [0, 1]"),
+    ("data.batch_size=512", "larger than the 96 images"),
+    ("device=cuda" if not torch.cuda.is_available() else "device=tpu", "device"),
+])
+def test_impossible_values_are_refused_in_one_line(data_root, tmp_path, override, message):
+    result = pretrain(*tiny(data_root, tmp_path / "run", override))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_unknown_method_names_the_choices(data_root, tmp_path):
+    result = pretrain(*tiny(data_root, tmp_path / "run", "method=simclr"))
+    assert result.returncode != 0
+    assert "byol" in result.stderr and "dino" in result.stderr and "Traceback" not in result.stderr
