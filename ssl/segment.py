@@ -27,9 +27,10 @@ SEG_DATA = ("fmnist_mosaic", "voc", "folder")
 
 def segmentation_sets(cfg: DictConfig, meta: dict[str, Any],
                       device: torch.device) -> tuple[SegmentationSet, SegmentationSet]:
-    """The train and test sets `cfg.seg_data` names, on `device`."""
+    """The train and test sets `cfg.seg_data` names, on `device`, checked against the export's channel count."""
     if cfg.seg_data == "fmnist_mosaic":
         options = cfg.fmnist_mosaic
+        check_channels(meta, cfg.data.channels, f"seg_data=fmnist_mosaic (built from data {cfg.data.name})")
         sets = []
         for split, size, seed in (("train_split", options.train_size, cfg.seed),
                                   ("test_split", options.test_size, cfg.seed + 1)):
@@ -38,18 +39,19 @@ def segmentation_sets(cfg: DictConfig, meta: dict[str, Any],
         return sets[0], sets[1]
     if cfg.seg_data == "voc":
         options = cfg.voc
+        check_channels(meta, 3, "seg_data=voc")
         train, test = (load_voc(options.root, options[split], options.image_size, options.download)
                        for split in ("train_split", "test_split"))
     elif cfg.seg_data == "folder":
         options = cfg.folder
         if not options.root:
             raise UserError("seg_data=folder needs folder.root=PATH (holding <split>/images and <split>/masks)")
+        # Images are decoded with the export's channel count (grayscale or RGB), so they always fit it.
         classes = list(options.classes) if options.classes else None
         train = load_folder(options.root, options.train_split, options.image_size, meta["channels"], classes)
         test = load_folder(options.root, options.test_split, options.image_size, meta["channels"], train.classes)
     else:
         raise UserError(f"unknown seg_data={cfg.seg_data}; choose one of: {', '.join(SEG_DATA)}")
-    check_channels(meta, train.images.shape[1], train.name)
     return train.to(device), test.to(device)
 
 

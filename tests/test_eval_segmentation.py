@@ -1,10 +1,13 @@
 """Segmentation pieces: the mosaic set, heads on dense features, a frozen backbone that stays frozen."""
 
+import pytest
 import torch
+from torchvision.io import write_png
 
+from ssl.errors import UserError
 from ssl.eval.mosaic import build_mosaics
 from ssl.eval.preprocess import random_crop_flip, resize_center_crop
-from ssl.eval.seg_data import IGNORE_INDEX, SegmentationSet, resize_pair
+from ssl.eval.seg_data import IGNORE_INDEX, SegmentationSet, load_folder, load_voc, resize_pair
 from ssl.eval.segmentation import Segmenter, evaluate_segmenter, train_segmenter
 from ssl.models import build_backbone
 
@@ -69,3 +72,29 @@ def test_frozen_backbone_stays_frozen_and_logits_match_the_mask_size():
         assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
         confusion = evaluate_segmenter(model, data, batch_size=3)
         assert confusion.matrix.sum().item() == 4 * 20 * 20
+
+
+def test_image_mask_folder(tmp_path):
+    for split, count in (("train", 2), ("val", 1)):
+        for index in range(count):
+            (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / "masks").mkdir(parents=True, exist_ok=True)
+            image = torch.randint(0, 255, (3, 12, 16), dtype=torch.uint8)
+            write_png(image, str(tmp_path / split / "images" / f"{index}.png"))
+            mask = torch.full((1, 12, 16), index + 1, dtype=torch.uint8)
+            mask[:, 0] = IGNORE_INDEX
+            write_png(mask, str(tmp_path / split / "masks" / f"{index}.png"))
+    train = load_folder(str(tmp_path), "train", image_size=8, channels=1, classes=None)
+    assert train.images.shape == (2, 1, 8, 8) and train.masks.shape == (2, 8, 8)
+    assert train.classes == ["0", "1", "2"]  # largest label 2 (255 is ignored)
+    test = load_folder(str(tmp_path), "val", image_size=8, channels=3, classes=train.classes)
+    assert test.images.shape == (1, 3, 8, 8) and test.num_classes == 3
+
+
+def test_missing_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="VOC 2012 not found"):
+        load_voc(str(tmp_path), "train", image_size=8, download=False)
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    write_png(torch.zeros(3, 4, 4, dtype=torch.uint8), str(tmp_path / "train" / "images" / "a.png"))
+    with pytest.raises(UserError, match="has no mask"):
+        load_folder(str(tmp_path), "train", image_size=4, channels=3, classes=None)

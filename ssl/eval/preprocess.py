@@ -18,7 +18,7 @@ def check_channels(meta: dict[str, Any], channels: int, data_name: str) -> None:
     """Refuse data whose channel count differs from the one the export was trained on."""
     if channels != meta["channels"]:
         raise UserError(f"the export takes {meta['channels']}-channel images but {data_name} has {channels}; "
-                        f"pass a data config with {meta['channels']} channels")
+                        f"choose data with {meta['channels']} channels")
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
