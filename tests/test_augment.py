@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from omegaconf import DictConfig, OmegaConf
 
+from ssl.data import augment
 from ssl.data.augment import (
     ViewAugmenter,
     ViewRecipe,
@@ -231,6 +232,16 @@ def test_a_sample_gets_the_same_views_alone_and_anywhere_in_any_batch():
     for view in range(2):
         torch.testing.assert_close(alone[view][0], together[view][5], atol=1e-5, rtol=0)
         torch.testing.assert_close(elsewhere[view][position], together[view][5], atol=1e-5, rtol=0)
+
+
+def test_cpu_chunks_change_no_result(monkeypatch):
+    aug = augmenter(FULL, replace(FULL, size=8))
+    batch, indices = images(20), torch.arange(20)
+    whole = aug(batch, indices, 0)
+    monkeypatch.setattr(augment, "CPU_CHUNK_VALUES", 3 * 16 * 16 * 6)  # chunks of 6, 6, 6, 2 samples
+    for chunked, expected in zip(aug(batch, indices, 0), whole):
+        assert chunked.shape == expected.shape and chunked.is_contiguous()
+        torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
 
 
 def test_one_channel_skips_colour_ops_and_keeps_one_channel():

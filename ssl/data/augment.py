@@ -43,6 +43,9 @@ from ssl.data.random import counter_keys, uniform
 from ssl.errors import UserError
 
 CROP_ATTEMPTS = 10
+# On CPU a view is made in chunks of samples with about this many output values, so that every op's tensors stay
+# in cache (1.2-1.3x faster); views are per sample, so chunking changes no result. A GPU takes the whole batch.
+CPU_CHUNK_VALUES = 1 << 18
 
 
 # The uniform draws of one (seed, epoch, view, sample), by column. New quantities go at the end, so adding one
@@ -131,6 +134,10 @@ class ViewParams:
     grayscale: Tensor  # (B,) bool
     blur_sigma: Tensor  # (B,) float, 0 where the sample is not blurred
     solarize: Tensor  # (B,) bool
+
+    def select(self, start: int, stop: int) -> "ViewParams":
+        """The parameters of samples ``start:stop``."""
+        return ViewParams(**{field.name: getattr(self, field.name)[start:stop] for field in fields(self)})
 
 
 def sample_crop_boxes(
@@ -371,10 +378,18 @@ class ViewAugmenter:
         source = images.to(torch.float32).div_(255)
         indices = indices.to(device=images.device, dtype=torch.int64)
         height, width = images.shape[-2:]
-        return [
-            self._render(source, self.sample_params(indices, epoch, view, height, width), recipe)
-            for view, recipe in enumerate(self.views)
-        ]
+        views = []
+        for view, recipe in enumerate(self.views):
+            params = self.sample_params(indices, epoch, view, height, width)
+            chunk = len(images)
+            if images.device.type == "cpu":
+                chunk = max(1, CPU_CHUNK_VALUES // (self.channels * recipe.size**2))
+            parts = [
+                self._render(source[start : start + chunk], params.select(start, start + chunk), recipe)
+                for start in range(0, len(images), chunk)
+            ]
+            views.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return views
 
     def _render(self, source: Tensor, params: ViewParams, recipe: ViewRecipe) -> Tensor:
         colour = self.channels == 3
