@@ -21,6 +21,8 @@ import itertools
 import math
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from ssl.distributed import Process, all_reduce_mean, convert_sync_batchnorm, in
 from ssl.ema import EMA, build_schedule
 from ssl.errors import UserError
 from ssl.loggers import RunLogger
-from ssl.methods import build_method
+from ssl.methods import MethodOutput, build_method
 from ssl.models import build_backbone, save_export
 from ssl.optim import build_optimizer, cosine_schedule, param_groups
 
@@ -138,10 +140,28 @@ def train(cfg: DictConfig) -> Path:
         shutdown()
 
 
-def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: Path | None, device: torch.device,
-           process: Process) -> Path:
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+@dataclass
+class Pretraining:
+    """Everything one run trains with, built from the config by `build_pretraining`."""
+
+    dataset: Any
+    loader: BatchLoader
+    augmenter: ViewAugmenter
+    method: nn.Module
+    model: OnlineProbe
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    lr_schedule: list[float]
+    wd_schedule: list[float]
+    steps_per_epoch: int
+    channels_last: bool
+    autocast: torch.autocast
+    grad_clip: float | None
+
+
+def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | None = None) -> Pretraining:
+    """Data, views, model, optimiser, schedules and EMA for `cfg`, on `device`, for this process's shard."""
+    process = process or Process()
     if cfg.data.batch_size % process.world_size:
         raise UserError(f"data.batch_size={cfg.data.batch_size} (the global batch) does not split evenly over "
                         f"{process.world_size} processes; pick a multiple of {process.world_size}")
@@ -162,14 +182,13 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
     if process.distributed and cfg.method.sync_batchnorm:
         method = convert_sync_batchnorm(method, device.type)
     model = OnlineProbe(method, dataset.num_classes).to(device)
-    probe = model.probe
     channels_last = cfg.trainer.channels_last and device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
     # ---- schedules: one value per optimiser step
-    epochs, steps_per_epoch = cfg.trainer.epochs, len(loader)
-    total_steps = epochs * steps_per_epoch
+    steps_per_epoch = len(loader)
+    total_steps = cfg.trainer.epochs * steps_per_epoch
     base_lr = cfg.optim.lr * (cfg.data.batch_size / 256 if cfg.optim.scale_lr_by_batch else 1.0)  # global batch
     lr_schedule = cosine_schedule(base_lr, cfg.optim.final_lr * base_lr / cfg.optim.lr, total_steps,
                                   cfg.trainer.warmup_epochs * steps_per_epoch).tolist()
@@ -177,13 +196,62 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
     wd_schedule = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps).tolist()
 
     groups = param_groups((n, p) for n, p in method.named_parameters() if not n.startswith("teacher."))
-    groups.append({"params": list(probe.parameters()), "lr_scale": cfg.optim.probe_lr / base_lr, "wd_scale": 0.0,
-                   "lars_exclude": True})
+    groups.append({"params": list(model.probe.parameters()), "lr_scale": cfg.optim.probe_lr / base_lr,
+                   "wd_scale": 0.0, "lars_exclude": True})
     optimizer = build_optimizer(cfg.optim.name, groups, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                 **OmegaConf.to_container(cfg.optim.kwargs, resolve=True))
     ema_schedule = build_schedule(cfg.method.ema.schedule, total_steps,
                                   **OmegaConf.to_container(cfg.method.ema.schedule_kwargs, resolve=True))
     ema = EMA(method.teacher, ema_schedule, buffers=cfg.method.ema.buffers)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=cfg.trainer.precision == "bf16" and device.type == "cuda")
+    return Pretraining(dataset, loader, augmenter, method, model, optimizer, ema, lr_schedule, wd_schedule,
+                       steps_per_epoch, channels_last, autocast, cfg.trainer.grad_clip)
+
+
+def no_mark(phase: str) -> None:
+    """Default phase marker: training does not time its phases (the throughput benchmark does)."""
+
+
+def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               indices: torch.Tensor, epoch: int, step: int,
+               mark: Callable[[str], None] = no_mark) -> tuple[MethodOutput, torch.Tensor, torch.Tensor, float]:
+    """One optimiser step; returns the method output, probe logits, probe loss and the EMA decay applied.
+
+    `mark(phase)` is called as each phase ends ("augment", "forward_backward", "optimizer", "ema").
+    """
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr_schedule[step] * group["lr_scale"]
+        group["weight_decay"] = run.wd_schedule[step] * group["wd_scale"]
+    views = run.augmenter(images, indices, epoch)
+    if run.channels_last:
+        views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+    mark("augment")
+    with run.autocast:
+        out, probe_logits = forward(views, epoch)
+    probe_loss = F.cross_entropy(probe_logits.float(), labels, ignore_index=-1)
+    run.optimizer.zero_grad(set_to_none=True)
+    (out.loss + probe_loss).backward()
+    mark("forward_backward")
+    if hasattr(run.method, "before_optimizer_step"):
+        run.method.before_optimizer_step(epoch)
+    if run.grad_clip:
+        trained = [p for group in run.optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(trained, run.grad_clip)
+    run.optimizer.step()
+    mark("optimizer")
+    tau = run.ema.update(run.method.student)
+    mark("ema")
+    return out, probe_logits, probe_loss, tau
+
+
+def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: Path | None, device: torch.device,
+           process: Process) -> Path:
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    run = build_pretraining(cfg, device, process)
+    dataset, method, model, optimizer, ema = run.dataset, run.method, run.model, run.optimizer, run.ema
+    epochs, steps_per_epoch = cfg.trainer.epochs, run.steps_per_epoch
 
     # ---- state: fresh, or restored exactly (weights, optimiser, EMA step, RNG) for a bit-identical continuation
     step = 0
@@ -226,8 +294,6 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
         save_export(run_dir / "student.pt", method.student.backbone, role="student", **meta)
 
     # ---- the loop
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.trainer.precision == "bf16" and device.type == "cuda")
     step_on_device = torch.tensor(step, device=device)
     first_bad_step = torch.tensor(-1, device=device)
     log_sums: dict[str, torch.Tensor] = {}
@@ -236,25 +302,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
     with StopOnSignal() as stop:
         for epoch in range(step // steps_per_epoch, epochs):
             method.train()
-            batches = itertools.islice(loader.epoch(epoch), step - epoch * steps_per_epoch, None)
+            batches = itertools.islice(run.loader.epoch(epoch), step - epoch * steps_per_epoch, None)
             for images, labels, indices in batches:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_schedule[step] * group["lr_scale"]
-                    group["weight_decay"] = wd_schedule[step] * group["wd_scale"]
-                views = augmenter(images, indices, epoch)
-                if channels_last:
-                    views = [view.contiguous(memory_format=torch.channels_last) for view in views]
-                with autocast:
-                    out, probe_logits = forward(views, epoch)
-                probe_loss = F.cross_entropy(probe_logits.float(), labels, ignore_index=-1)
-                optimizer.zero_grad(set_to_none=True)
-                (out.loss + probe_loss).backward()
-                if hasattr(method, "before_optimizer_step"):
-                    method.before_optimizer_step(epoch)
-                if cfg.trainer.grad_clip:
-                    nn.utils.clip_grad_norm_(groups[0]["params"] + groups[1]["params"], cfg.trainer.grad_clip)
-                optimizer.step()
-                tau = ema.update(method.student)
+                out, probe_logits, probe_loss, tau = train_step(run, forward, images, labels, indices, epoch, step)
 
                 # bookkeeping on the device: no host synchronisation here
                 first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss), step_on_device,
@@ -278,7 +328,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
                     check_finite(first_bad_step, checkpoint_path)
                     means = mean_over_processes(log_sums, step - last_log_step)
                     elapsed = time.perf_counter() - clock
-                    record = {**means, "step": step, "epoch": epoch, "lr": lr_schedule[step - 1], "tau": tau,
+                    record = {**means, "step": step, "epoch": epoch, "lr": run.lr_schedule[step - 1], "tau": tau,
                               "images_per_s": images_since_log * process.world_size / elapsed}
                     if logger is not None:
                         logger.log(record)
