@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ssl.data import BatchLoader, build_dataset
 from ssl.errors import UserError
 from ssl.eval.preprocess import check_channels
 from ssl.models.export import META_KEYS, load_export, save_export
@@ -80,8 +81,6 @@ def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],
     Image folders are decoded once into memory (in `data.num_workers` processes): downstream sets are expected
     to fit. Data whose channel count differs from the export's is refused.
     """
-    from ssl.data import BatchLoader, build_dataset
-
     dataset = build_dataset(data_cfg, split)
     loader = BatchLoader(dataset, data_cfg.batch_size, device, shuffle=False, drop_last=False, seed=0)
     batches = list(loader.epoch(0))

@@ -1,8 +1,8 @@
 """Linear probes on frozen features: a whole (lr, weight decay) grid trained at once, chosen on held-out data.
 
 With the backbone frozen the probe is multinomial logistic regression, so the only real choices are the
-learning rate and the weight decay. `LinearProbe` holds G independent classifiers as one (G, D, C) tensor and
-`ProbeSGD` gives each its own lr and weight decay, so the grid costs one batched matmul per step. Features are
+learning rate and the weight decay. `LinearProbe` holds G independent classifiers as one (D, G, C) tensor and
+`ProbeSGD` gives each its own lr and weight decay, so the grid costs one (B, D) x (D, G*C) matmul per step. Features are
 standardised with the training set's mean and std (MAE's BatchNorm-without-affine, computed once), which puts
 every backbone's features on the same scale and lets one lr grid fit them all.
 """
@@ -28,22 +28,27 @@ class LinearProbe(nn.Module):
         self.register_buffer("feature_mean", feature_mean.reshape(dim).clone())
         self.register_buffer("feature_std", feature_std.reshape(dim).clone())
         # Zero init: the problem is convex, so the start only has to be the same for every head and every run.
-        self.weight = nn.Parameter(torch.zeros(num_heads, dim, num_classes, device=feature_mean.device))
-        self.bias = nn.Parameter(torch.zeros(num_heads, 1, num_classes, device=feature_mean.device))
+        self.weight = nn.Parameter(torch.zeros(dim, num_heads, num_classes, device=feature_mean.device))
+        self.bias = nn.Parameter(torch.zeros(num_heads, num_classes, device=feature_mean.device))
 
     @classmethod
     def for_features(cls, features: torch.Tensor, num_classes: int, num_heads: int = 1) -> "LinearProbe":
         """A probe standardising with the statistics of `features` (the training features)."""
         return cls(features.mean(0), features.std(0).clamp_min(1e-6), num_classes, num_heads)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, G, C): one plain matmul for all heads, which stays fast in the backward pass too."""
+        dim, heads, classes = self.weight.shape
         standardised = (features - self.feature_mean) / self.feature_std
-        return torch.baddbmm(self.bias, standardised.expand(self.weight.shape[0], -1, -1), self.weight)
+        return (standardised @ self.weight.view(dim, heads * classes)).view(-1, heads, classes) + self.bias
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(features).transpose(0, 1)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over heads of each head's mean cross-entropy, so every head gets its own full gradient."""
-        logits = self.forward(features)  # (G, B, C)
-        per_sample = F.cross_entropy(logits.permute(1, 2, 0), labels[:, None].expand(-1, logits.shape[0]),
+        logits = self.head_logits(features)  # (B, G, C)
+        per_sample = F.cross_entropy(logits.transpose(1, 2), labels[:, None].expand(-1, logits.shape[1]),
                                      reduction="none")
         return per_sample.mean(0).sum()
 
@@ -59,8 +64,9 @@ class ProbeSGD:
                  total_steps: int, momentum: float = 0.9) -> None:
         device = probe.weight.device
         self.probe = probe
-        self.lrs = torch.tensor(lrs, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.weight_decays = torch.tensor(weight_decays, dtype=torch.float32, device=device).view(-1, 1, 1)
+        # Shaped (G, 1) to broadcast over the weight (D, G, C) and the bias (G, C) alike.
+        self.lrs = torch.tensor(lrs, dtype=torch.float32, device=device).view(-1, 1)
+        self.weight_decays = torch.tensor(weight_decays, dtype=torch.float32, device=device).view(-1, 1)
         steps = torch.arange(total_steps, dtype=torch.float32, device=device)
         self.schedule = 0.5 * (1 + torch.cos(math.pi * steps / total_steps))
         self.momentum = momentum
