@@ -27,14 +27,15 @@ def select_data_from_export() -> None:
     args = sys.argv[1:]
     if any(arg.split("=", 1)[0].lstrip("+~") == "data" for arg in args):
         return
-    ckpt = next((arg.split("=", 1)[1] for arg in args if arg.startswith("ckpt=")), None)
-    if not ckpt:
+    position = next((i for i, arg in enumerate(sys.argv) if arg.startswith("ckpt=")), None)
+    if position is None or sys.argv[position] == "ckpt=":
         return  # the entry point itself reports the missing ckpt
-    dataset = load_export(ckpt)["dataset"]
+    dataset = load_export(sys.argv[position].split("=", 1)[1])["dataset"]
     if not (CONFIG_DIR / "data" / f"{dataset}.yaml").is_file():
         raise UserError(f"the export was trained on {dataset!r}, which has no configs/data/{dataset}.yaml; "
                         "pass data=<name> to choose the evaluation data")
-    sys.argv.append(f"data={dataset}")
+    # Right after ckpt=, among the other overrides: Hydra's parser wants them in one run, not after --cfg etc.
+    sys.argv.insert(position + 1, f"data={dataset}")
 
 
 def checkpoint(cfg: DictConfig) -> Path:
