@@ -112,7 +112,7 @@ class FolderDataset:
 
 
 def _corrupt(path: Path, problem: str, fix: str) -> UserError:
-    return UserError(f"{path} is corrupt ({problem}); {fix}")
+    return UserError(f"{path} is corrupt ({' '.join(problem.split())}); {fix}")  # one line, whatever the cause
 
 
 def _read_cifar_pickle(path: Path, label_key: str, fix: str) -> tuple[Tensor, Tensor]:
