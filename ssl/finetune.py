@@ -35,7 +35,9 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     losses = train_classifier(model, train_images, train_labels, cfg.train.epochs, cfg.train.batch_size,
                               cfg.train.lr, cfg.train.backbone_lr, cfg.train.weight_decay,
-                              cfg.train.warmup_epochs, cfg.train.padding, cfg.seed)
+                              cfg.train.warmup_epochs, cfg.train.padding, cfg.seed,
+                              on_epoch=lambda epoch, loss: print(f"epoch {epoch}/{cfg.train.epochs} loss={loss:.4f}",
+                                                                 flush=True))
     train_seconds = cli.elapsed_since(start, device)
     logits = predict(model, test_images, cfg.data.batch_size)
     top1, top5 = (100 * topk_accuracy(logits, test_labels, k).item() for k in (1, 5))
@@ -51,7 +53,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         "train": OmegaConf.to_container(cfg.train), "export": str(export),
     }
     path = cli.write_report(out_dir, "finetune", report)
-    print(f"finetune_top1={top1:.2f} finetune_top5={top5:.2f}  ({path})")
+    print(f"wrote {path} and {export}")
+    print(f"finetune_top1={top1:.2f} finetune_top5={top5:.2f}")
     return report
 
 

@@ -75,8 +75,9 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         "seconds": {"extract": extract_seconds, "linear": probe_seconds, "knn": knn_seconds},
     }
     path = cli.write_report(cli.results_dir(cfg, ckpt, "linear_eval"), "linear_eval", report)
+    print(f"wrote {path}")
     print(f"linear_top1={linear_top1:.2f} linear_top5={linear_top5:.2f} "
-          + " ".join(f"knn{k}_top1={top1:.2f}" for k, top1 in knn_top1.items()) + f"  ({path})")
+          + " ".join(f"knn{k}_top1={top1:.2f}" for k, top1 in knn_top1.items()))
     return report
 
 

@@ -65,8 +65,10 @@ def segment(cfg: DictConfig) -> dict[str, Any]:
 
     model = Segmenter(backbone, cfg.head, train_set.num_classes, meta, cfg.finetune).to(device)
     start = time.perf_counter()
-    train_segmenter(model, train_set, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.backbone_lr,
-                    cfg.train.weight_decay, cfg.seed)
+    losses = train_segmenter(model, train_set, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr,
+                             cfg.train.backbone_lr, cfg.train.weight_decay, cfg.seed,
+                             on_epoch=lambda epoch, loss: print(f"epoch {epoch}/{cfg.train.epochs} loss={loss:.4f}",
+                                                                flush=True))
     train_seconds = cli.elapsed_since(start, device)
     confusion = evaluate_segmenter(model, test_set, cfg.train.batch_size)
     miou, pixel_accuracy = 100 * confusion.mean_iou(), 100 * confusion.pixel_accuracy()
@@ -82,10 +84,11 @@ def segment(cfg: DictConfig) -> dict[str, Any]:
         "miou": miou, "pixel_accuracy": pixel_accuracy,
         "per_class_iou": {name: None if iou is None else 100 * iou
                           for name, iou in zip(test_set.classes, confusion.iou())},
-        "seconds": train_seconds, "export": str(export),
+        "train_loss": losses, "seconds": train_seconds, "export": str(export),
     }
     path = cli.write_report(out_dir, "segment", report)
-    print(f"miou={miou:.2f} pixel_acc={pixel_accuracy:.2f}  ({path})")
+    print(f"wrote {path} and {export}")
+    print(f"miou={miou:.2f} pixel_acc={pixel_accuracy:.2f}")
     return report
 
 

@@ -1,5 +1,6 @@
 """Full fine-tuning: the exported backbone plus a linear head, trained end to end on labelled images."""
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,10 +32,11 @@ class Classifier(nn.Module):
 
 def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epochs: int,
                      batch_size: int, lr: float, backbone_lr: float, weight_decay: float, warmup_epochs: int,
-                     padding: int, seed: int) -> list[float]:
+                     padding: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Cross-entropy on random crop + flip views; images (uint8) and labels on the model's device.
 
-    Returns the mean training loss of every epoch (read from the device once per epoch).
+    Returns the mean training loss of every epoch (read from the device once per epoch, then passed to
+    `on_epoch(epoch, loss)` when given, epochs counted from 1).
     """
     steps_per_epoch = -(-len(images) // batch_size)
     optimizer = HeadAndBackboneAdamW(model.head, model.backbone, lr, backbone_lr, weight_decay,
@@ -50,6 +52,8 @@ def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tens
             optimizer.step()
             total += loss.detach() * len(batch)
         losses.append(total.item() / len(images))
+        if on_epoch:
+            on_epoch(len(losses), losses[-1])
     return losses
 
 

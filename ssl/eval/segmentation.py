@@ -6,6 +6,7 @@ linear classifier); `fcn` is a small FCN head (3x3 convolution, BatchNorm, ReLU,
 The backbone stays frozen in eval mode unless fine-tuned.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,19 +80,31 @@ def random_flip_pairs(images: torch.Tensor, masks: torch.Tensor,
 
 
 def train_segmenter(model: Segmenter, data: SegmentationSet, epochs: int, batch_size: int, lr: float,
-                    backbone_lr: float, weight_decay: float, seed: int) -> None:
-    """Cross-entropy (ignoring 255) with AdamW on a cosine, random flips; `data` already on the model's device."""
-    steps_per_epoch = -(-len(data.images) // batch_size)
+                    backbone_lr: float, weight_decay: float, seed: int,
+                    on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Cross-entropy (ignoring 255) with AdamW on a cosine and random flips; `data` already on the model's device.
+
+    Returns the mean loss of every epoch (read from the device once per epoch, then passed to
+    `on_epoch(epoch, loss)` when given, epochs counted from 1).
+    """
+    num_images = len(data.images)
     optimizer = HeadAndBackboneAdamW(model.head, model.backbone, lr, backbone_lr, weight_decay,
-                                     epochs * steps_per_epoch)
+                                     epochs * -(-num_images // batch_size))
     generator = torch.Generator(data.images.device).manual_seed(seed)
     model.train()
+    losses = []
     for _ in range(epochs):
-        order = torch.randperm(len(data.images), device=data.images.device, generator=generator)
-        for batch in order.split(batch_size):
+        total = torch.zeros((), device=data.images.device)
+        for batch in torch.randperm(num_images, device=data.images.device, generator=generator).split(batch_size):
             images, masks = random_flip_pairs(data.images[batch], data.masks[batch], generator)
-            F.cross_entropy(model(images), masks.long(), ignore_index=IGNORE_INDEX).backward()
+            loss = F.cross_entropy(model(images), masks.long(), ignore_index=IGNORE_INDEX)
+            loss.backward()
             optimizer.step()
+            total += loss.detach() * len(batch)
+        losses.append(total.item() / num_images)
+        if on_epoch:
+            on_epoch(len(losses), losses[-1])
+    return losses
 
 
 @torch.no_grad()
