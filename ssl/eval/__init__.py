@@ -1,5 +1,17 @@
-"""Downstream evaluation of exported backbones: features, linear probes, kNN, segmentation heads and data.
+"""Downstream evaluation of exported backbones. The entry points (`ssl.linear_eval`, `ssl.finetune`,
+`ssl.segment`) are thin Hydra wrappers; everything here takes tensors and modules, usable without Hydra.
 
-The entry points (`ssl.linear_eval`, `ssl.finetune`, `ssl.segment`) are thin Hydra wrappers over these
-modules; everything here takes tensors and modules, so it is usable (and tested) without Hydra.
+| module | what it is |
+| --- | --- |
+| `preprocess.py` | uint8 images -> the export's normalisation and resolution; random crop + flip; channel check |
+| `features.py` | pooled features of a frozen backbone: once per dataset, or per batch of augmented views |
+| `linear.py` | `LinearProbe` (a grid of heads in one matmul), `ProbeSGD`, held-out (lr, wd) selection |
+| `knn.py` | weighted kNN votes on L2-normalised features (DINO) |
+| `metrics.py` | top-k accuracy; `ConfusionMatrix` -> mIoU, pixel accuracy, per-class IoU |
+| `training.py` | AdamW with a separate backbone lr on warm-up + cosine (fine-tuning, segmentation) |
+| `finetuning.py` | backbone + linear head trained end to end |
+| `segmentation.py` | linear / FCN heads on `forward_dense`, `Segmenter`, its training and evaluation |
+| `seg_data.py` | `SegmentationSet`; Pascal VOC 2012 and image/mask folders |
+| `mosaic.py` | the offline Fashion-MNIST 2x2 mosaic segmentation set |
+| `cli.py` | what the entry points share: ckpt, default data from the export, device, run dir, reports |
 """
