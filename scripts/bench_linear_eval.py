@@ -3,7 +3,8 @@
     python scripts/bench_linear_eval.py [--ckpt PATH/teacher.pt] [--limit 2000] [--epochs 100]
                                         [--json bench/linear_eval.json] [--device auto] [--data-root data]
 
-Same export, same data (the export's dataset, first --limit images of train and of test), same epochs:
+Same export, same data (the export's dataset, first --limit images of train and of test), same epochs, the
+probe settings of configs/linear_eval.yaml:
   cached     ssl.linear_eval's default: one backbone pass over train and test, then the whole (lr, weight decay)
              grid trained at once on the cached features, chosen on held-out train, and retrained on all of train
   per-epoch  solo-learn's main_linear: the frozen backbone runs on random crop + flip views of every batch of
@@ -37,8 +38,6 @@ from ssl.eval.linear import LinearProbe, ProbeConfig, fit_linear_probe, train_pr
 from ssl.eval.metrics import topk_accuracy  # noqa: E402
 from ssl.models import build_backbone, load_backbone, save_export  # noqa: E402
 
-PADDING = 4
-
 
 def random_export(path: Path) -> Path:
     """An untrained ResNet-18 export for Fashion-MNIST (28 px, one channel)."""
@@ -65,7 +64,8 @@ def bench(args: argparse.Namespace, ckpt: Path) -> dict:
         data.root = args.data_root
     train_images, train_labels, classes = cli.load_split(data, "train_split", meta, device)
     test_images, test_labels, _ = cli.load_split(data, "test_split", meta, device)
-    config = ProbeConfig(epochs=args.epochs)
+    protocol = OmegaConf.load(cli.CONFIG_DIR / "linear_eval.yaml")
+    config = ProbeConfig(**{**OmegaConf.to_container(protocol.linear), "epochs": args.epochs})
 
     start = time.perf_counter()
     train_features = extract_features(backbone, train_images, meta, device, data.batch_size)
@@ -78,7 +78,7 @@ def bench(args: argparse.Namespace, ckpt: Path) -> dict:
     start = time.perf_counter()
     probe = LinearProbe.for_features(extract_features(backbone, train_images, meta, device, data.batch_size),
                                      len(classes))
-    views = AugmentedFeatures(backbone, train_images, meta, PADDING, seed=0)
+    views = AugmentedFeatures(backbone, train_images, meta, protocol.padding, seed=0)
     train_probe(probe, train_labels, views, [selection.lr], [selection.weight_decay], config.epochs,
                 config.batch_size, seed=0)
     test_features = extract_features(backbone, test_images, meta, device, data.batch_size)

@@ -14,7 +14,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssl.errors import UserError, run_cli
 from ssl.eval import cli
@@ -46,12 +46,10 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     extract_seconds = cli.elapsed_since(start, device)
 
     start = time.perf_counter()
-    config = ProbeConfig(lrs=list(cfg.linear.lrs), weight_decays=list(cfg.linear.weight_decays),
-                         epochs=cfg.linear.epochs, batch_size=cfg.linear.batch_size,
-                         val_fraction=cfg.linear.val_fraction, seed=cfg.seed)
+    config = ProbeConfig(**OmegaConf.to_container(cfg.linear), seed=cfg.seed)
     augmented = None
     if cfg.protocol == "augmented":
-        augmented = AugmentedFeatures(backbone, train_images, meta, cfg.linear.padding, cfg.seed)
+        augmented = AugmentedFeatures(backbone, train_images, meta, cfg.padding, cfg.seed)
     probe, selection = fit_linear_probe(train_features, train_labels, num_classes, config, augmented)
     with torch.no_grad():
         logits = probe(test_features)[0]

@@ -26,7 +26,7 @@ def test_topk_accuracy_by_hand():
 def test_probe_separates_separable_features():
     train, train_labels = separable(400, seed=0)
     test, test_labels = separable(200, seed=1)
-    config = ProbeConfig(lrs=(0.01, 0.1), weight_decays=(0.0, 1e-3), epochs=10, batch_size=64)
+    config = ProbeConfig(lrs=(0.01, 0.1), weight_decays=(0.0, 1e-3), epochs=10, batch_size=64, val_fraction=0.1)
     probe, selection = fit_linear_probe(train, train_labels, 4, config)
     assert topk_accuracy(probe(test)[0], test_labels, 1).item() == 1.0
     assert len(selection.grid) == 4 and (selection.lr, selection.weight_decay) in {(0.01, 0.0), (0.01, 1e-3),

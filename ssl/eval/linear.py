@@ -90,13 +90,14 @@ class ProbeConfig:
     """The probe protocol: the (lr, weight decay) grid, its held-out split, and the SGD run per grid point.
 
     lrs are for `batch_size`; the cosine schedule runs over `epochs` passes over the (cached) training features.
+    The defaults live in configs/linear_eval.yaml (`linear`).
     """
 
-    lrs: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-    weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2)
-    epochs: int = 100
-    batch_size: int = 1024
-    val_fraction: float = 0.1
+    lrs: Sequence[float]
+    weight_decays: Sequence[float]
+    epochs: int
+    batch_size: int
+    val_fraction: float
     seed: int = 0
 
 
