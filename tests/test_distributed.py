@@ -1,0 +1,78 @@
+"""torchrun on the CPU with gloo: two processes train like one process with the same global batch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import write_fmnist
+from tests.test_pretrain import ROOT, pretrain, tiny
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fmnist(tmp_path_factory.mktemp("data"), train=64, test=16)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def two_process_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    # A small lr: float-level differences between one and two processes (reduction order) stay float-level.
+    return tiny(data_root, run_dir, "trainer.epochs=1", "method.sync_batchnorm=true", "optim.lr=0.05", *extra)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    # Two steps: the two runs differ only in float reduction order (~1e-7), which BatchNorm over tiny batches and
+    # LARS amplify several-fold per step, so a long run drifts apart while every step computes the same thing.
+    data_root = write_fmnist(tmp_path / "data", train=32, test=16)
+    single = pretrain(*two_process_overrides(data_root, tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert one["step"] == two["step"] == 2  # 32 images / global batch 16
+    for name, tensor in one["model"].items():
+        if not tensor.is_floating_point():
+            assert torch.equal(tensor, two["model"][name]), name
+            continue
+        # 1e-5 relative to the tensor's scale (elements near zero carry absolute float noise only)
+        assert (two["model"][name] - tensor).abs().max() <= 1e-5 * tensor.abs().max() + 1e-8, name
+    assert any(name.startswith("method.teacher.") for name in one["model"])
+    assert any(name.startswith("method.predictor.") for name in one["model"])
+
+
+def test_ranks_end_with_identical_teachers_and_rank_zero_alone_writes(data_root, tmp_path):
+    result = tmp_path / "result.json"
+    run = torchrun("-m", "tests.distributed_worker", str(result),
+                   *two_process_overrides(data_root, tmp_path / "run"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(result.read_text()) == {"world_size": 2, "teachers_identical": True}
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert written == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "student.pt", "teacher.pt"]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r.get("type") != "epoch"] == [1, 2, 3, 4]  # one writer, no duplicates
+
+
+def test_two_process_run_resumes_from_its_saved_step(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    first = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, run_dir, "trainer.epochs=2",
+                                                                     "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 4 (epoch 1)" in resumed.stdout
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_a_global_batch_that_does_not_split_is_refused(data_root, tmp_path):
+    result = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, tmp_path / "run", "data.batch_size=15"))
+    assert result.returncode != 0
+    assert "does not split evenly over 2 processes" in result.stderr
