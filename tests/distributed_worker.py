@@ -2,7 +2,8 @@
 
 The loop itself never communicates teacher weights; this worker checks afterwards that every rank ended with the
 bitwise-same teacher. It keeps the process group alive past `train` and captures the run's objects.
-Usage (from the repo root, so `ssl` is this package): torchrun --nproc_per_node=N -m tests.distributed_worker RESULT_JSON OVERRIDE...
+Usage, from the repo root (so `ssl` is this package):
+    torchrun --standalone --nproc_per_node=N -m tests.distributed_worker RESULT_JSON OVERRIDE...
 """
 
 import json
