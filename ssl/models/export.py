@@ -47,9 +47,11 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"no export at {path}: pretraining writes RUN_DIR/teacher.pt (and student.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds pickled objects or code, not plain tensors; refusing to load it "
-                        "(only exports written by ssl.pretrain are read)") from None
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():  # torch's refusal of anything beyond tensors and plain data
+            raise UserError(f"{path} holds pickled objects or code, not plain tensors; refusing to load it "
+                            "(only exports written by ssl.pretrain are read)") from None
+        raise UserError(f"{path} is not a readable export (not a torch.save file)") from None
     except Exception as error:  # truncated or foreign files raise many types; name the file and the cause
         raise UserError(f"{path} is not a readable export ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
