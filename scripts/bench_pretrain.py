@@ -60,7 +60,7 @@ from torchvision.transforms import v2  # noqa: E402
 
 from scripts.bench_augment import torchvision_view  # noqa: E402 - the recipe as transforms.v2, shared
 from ssl.errors import UserError  # noqa: E402
-from ssl.train import Pretraining, build_pretraining, no_mark, train_step  # noqa: E402
+from ssl.train import Pretraining, build_pretraining, no_mark, train_step, wrap_forward  # noqa: E402
 
 EXPERIMENTS = {"byol": "byol_cifar", "dino": "dino_cifar_vit"}
 VARIANTS = ("ours", "reference", "compiled")
@@ -138,7 +138,7 @@ class Ours(Setup):
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         self.run = build_pretraining(cfg, device)
-        self.forward: nn.Module = torch.compile(self.run.model) if cfg.trainer.compile else self.run.model
+        self.forward: nn.Module = wrap_forward(self.run.model, cfg, device)
         self.run.method.train()
         self.batches = _batches(self.run)
         self.describe = {

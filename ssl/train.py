@@ -209,6 +209,19 @@ def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | 
                        steps_per_epoch, channels_last, autocast, cfg.trainer.grad_clip)
 
 
+def wrap_forward(model: OnlineProbe, cfg: DictConfig, device: torch.device, process: Process | None = None
+                 ) -> nn.Module:
+    """What the step calls: the model, inside DDP under torchrun, compiled when `trainer.compile`."""
+    forward: nn.Module = model
+    if process is not None and process.distributed:
+        # Buffers are not broadcast: SyncBatchNorm (or identical computation) keeps them equal on every rank.
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: let cuDNN pick its fastest kernels
+    return torch.compile(forward) if cfg.trainer.compile else forward
+
+
 def no_mark(phase: str) -> None:
     """Default phase marker: training does not time its phases (the throughput benchmark does)."""
 
@@ -264,13 +277,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         step = state["step"]
-    forward = model
-    if process.distributed:
-        # Buffers are not broadcast: SyncBatchNorm (or identical computation) keeps them equal on every rank.
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
-    if cfg.trainer.compile:
-        forward = torch.compile(forward)
+    forward = wrap_forward(model, cfg, device, process)
     logger = None
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
