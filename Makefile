@@ -8,6 +8,7 @@ CKPT       ?=
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
 .PHONY: install test lint data demo pretrain linear-eval bench clean
+DEMO_DIR   := runs/demo
 
 install: $(VENV)/.installed
 
@@ -36,11 +37,26 @@ data:
 		echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or set data.download=true"; exit 1; \
 	fi
 
+# Offline, CPU, a few minutes: BYOL on 10k Fashion-MNIST images, then linear + kNN evaluation of the teacher.
+demo: install data
+	rm -rf $(DEMO_DIR)
+	$(PY) -m ssl.pretrain +experiment=byol_fmnist device=cpu logger=none run_dir=$(DEMO_DIR) \
+		data.limit=10000 trainer.epochs=4 trainer.warmup_epochs=1
+	$(PY) -m ssl.linear_eval ckpt=$(DEMO_DIR)/teacher.pt device=cpu
+
 pretrain: install
 	$(PY) -m ssl.pretrain +experiment=$(EXP) $(ARGS)
 
 linear-eval: install
 	$(PY) -m ssl.linear_eval ckpt=$(CKPT) $(ARGS)
+
+# Benchmarks print a table and write JSON under bench/ (CPU here; pass DEVICE=cuda on a GPU machine).
+DEVICE ?= cpu
+bench: install
+	$(PY) scripts/bench_ema.py --device $(DEVICE) --json bench/ema.json
+	$(PY) scripts/bench_augment.py --device $(DEVICE) --json bench/augment.json
+	$(PY) scripts/bench_pretrain.py --device $(DEVICE) --json bench/pretrain.json
+	$(PY) scripts/bench_linear_eval.py --device $(DEVICE) --json bench/linear_eval.json
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

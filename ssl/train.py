@@ -132,6 +132,9 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / "checkpoint.pt"
     resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    if resume_path is None and checkpoint_path.exists():
+        raise UserError(f"{run_dir} already holds a run (checkpoint.pt); continue it with resume=auto, "
+                        "or start a new one with another run_dir")
     device = resolve_device(cfg.device)
     process = init_process(device.type)
     try:

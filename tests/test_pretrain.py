@@ -63,6 +63,11 @@ def test_run_writes_config_metrics_checkpoint_and_exports(data_root, tmp_path):
     assert all(torch.equal(teacher_backbone[k], v) for k, v in export["state_dict"].items())
     assert state["step"] == 18 and state["ema"]["step"] == 18
 
+    before = (run / "checkpoint.pt").read_bytes()
+    again = pretrain(*tiny(data_root, run))  # a fresh run must not overwrite a finished one
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "resume=auto" in again.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before
+
 
 def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_path):
     reference = pretrain(*tiny(data_root, tmp_path / "reference"))
