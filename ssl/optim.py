@@ -31,7 +31,11 @@ def param_groups(
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> torch.Tensor:
-    """Per-step values: linear warm-up from `warmup_start` to `base`, then cosine from `base` to `final`."""
+    """Per-step values: linear warm-up from `warmup_start` to `base`, then cosine from `base` to `final`.
+
+    A warm-up longer than the run is cut short (a 1-epoch smoke run of a recipe with 10 warm-up epochs).
+    """
+    warmup_steps = min(warmup_steps, total_steps)
     warmup = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[1:]
     steps = torch.arange(total_steps - warmup_steps, dtype=torch.float64)
     decay_steps = max(total_steps - warmup_steps, 1)

@@ -46,6 +46,10 @@ def test_cosine_schedule_end_points():
     assert cosine[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 8)))
 
 
+def test_warmup_longer_than_the_run_is_cut_short():
+    assert cosine_schedule(1.0, 0.0, total_steps=3, warmup_steps=10).tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
 def test_bias_and_norm_are_excluded():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     decayed, excluded = param_groups(model.named_parameters())
