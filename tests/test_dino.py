@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import ssl
-from ssl.ema import ema_model
+from ssl.ema import EMA, build_schedule, ema_model
 from ssl.errors import UserError
 from ssl.methods import build_method
 from ssl.methods.dino import (
@@ -20,6 +21,7 @@ from ssl.methods.dino import (
     teacher_temperature_schedule,
 )
 from ssl.models.vit import VisionTransformer
+from ssl.optim import build_optimizer, cosine_schedule, param_groups
 from tests.fixtures import write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +189,65 @@ def test_a_single_view_is_a_user_error():
         tiny_dino()(multicrop()[:1], epoch=0)
 
 
+class FrozenFeatures(nn.Module):
+    """A stand-in backbone whose inputs already are its pooled features (no parameters, nothing to learn)."""
+
+    feature_dim = 64
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def train_heads_on_clusters(use_bn_in_head: bool, optimizer: str, lr: float, clusters: int = 8,
+                            steps: int = 300) -> dict[str, float]:
+    """DINO's heads, center, loss and EMA teacher trained on two noisy views of `clusters` well-separated
+    clusters of non-negative features (like a ResNet's pooled ReLU outputs); the last step's collapse signals."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(clusters, FrozenFeatures.feature_dim, generator=generator)
+    method = DINO(FrozenFeatures(), epochs=1, out_dim=256, hidden_dim=256, bottleneck_dim=64,
+                  use_bn_in_head=use_bn_in_head, freeze_last_layer=0, clip_grad=0.0)
+    weight_decay = 0.04 if optimizer == "adamw" else 1e-6
+    opt = build_optimizer(optimizer, param_groups(method.student.named_parameters()), lr=lr,
+                          weight_decay=weight_decay)
+    lrs = cosine_schedule(lr, 0.0, steps, warmup_steps=30).tolist()
+    ema = EMA(method.teacher, build_schedule("byol_cosine", steps, base=0.99, end=1.0), buffers="keep")
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]
+        base = centers[torch.randint(clusters, (256,), generator=generator)]
+        views = [torch.relu(base + 0.5 * torch.randn(base.shape, generator=generator)) for _ in range(2)]
+        out = method(views, epoch=0)
+        opt.zero_grad()
+        out.loss.backward()
+        method.before_optimizer_step(epoch=0)
+        opt.step()
+        ema.update(method.student)
+    return {key: value.item() for key, value in out.logs.items()}
+
+
+def test_dino_fmnist_heads_find_the_clusters_without_collapsing():
+    # The recipe's head (BatchNorm) and optimiser (AdamW): each sample's target settles on one prototype
+    # (sample entropy -> 0) while the batch spreads over one prototype per cluster (batch entropy -> ln 8).
+    logs = train_heads_on_clusters(use_bn_in_head=True, optimizer="adamw", lr=5e-4)
+    assert logs["teacher_sample_entropy"] < 0.5
+    assert abs(logs["teacher_batch_entropy"] - math.log(8)) < 0.4
+
+
+def test_plain_head_under_lars_collapses_to_the_uniform_distribution():
+    # The failure the dino_fmnist recipe avoids: both entropies pinned near ln K = ln 256.
+    logs = train_heads_on_clusters(use_bn_in_head=False, optimizer="lars", lr=0.3)
+    assert logs["teacher_sample_entropy"] > math.log(256) - 0.2
+    assert logs["teacher_batch_entropy"] > math.log(256) - 0.1
+
+
+def test_head_batchnorm_is_optional_and_mirrored_in_the_teacher():
+    method = tiny_dino(use_bn_in_head=True)
+    for model in (method.student, method.teacher):
+        assert sum(isinstance(layer, nn.BatchNorm1d) for layer in model.head.mlp) == 2
+    assert not any(isinstance(layer, nn.BatchNorm1d) for layer in tiny_dino().student.head.mlp)
+
+
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -196,16 +257,18 @@ def test_short_fmnist_run_lowers_the_loss_and_exports_a_backbone_linear_eval_rea
     run = tmp_path / "run"
     result = run_module(
         "ssl.pretrain", "+experiment=dino_fmnist", "logger=none", "device=cpu", f"data.root={data_root}",
-        f"run_dir={run}", "data.batch_size=16", "trainer.epochs=2", "trainer.warmup_epochs=0", "trainer.log_every=1",
-        "augment.local_crops=2", "method.kwargs.out_dim=64", "method.kwargs.hidden_dim=32",
-        "method.kwargs.bottleneck_dim=16", "method.kwargs.warmup_teacher_temp_epochs=0")
+        f"run_dir={run}", "data.batch_size=16", "trainer.epochs=3", "trainer.warmup_epochs=0", "trainer.log_every=1",
+        "augment.local_crops=2", "optim.lr=0.01", "optim.scale_lr_by_batch=false", "method.kwargs.out_dim=64",
+        "method.kwargs.hidden_dim=32", "method.kwargs.bottleneck_dim=16")
     assert result.returncode == 0, result.stderr
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [record for record in records if record.get("type") != "epoch"]
     epochs = [record for record in records if record.get("type") == "epoch"]
-    assert len(steps) == 8 and {"teacher_temp", "teacher_batch_entropy", "teacher_sample_entropy"} <= steps[0].keys()
-    assert epochs[1]["loss"] < epochs[0]["loss"] < steps[0]["loss"]
+    assert len(steps) == 12 and {"teacher_temp", "teacher_batch_entropy", "teacher_sample_entropy"} <= steps[0].keys()
+    assert epochs[2]["loss"] < epochs[0]["loss"] < steps[0]["loss"]
+    # ... and not by collapsing: a uniform teacher would also give a falling loss, pinned at ln K = ln 64
+    assert epochs[2]["teacher_sample_entropy"] < math.log(64) - 1
 
     backbone = ssl.load_backbone(run / "teacher.pt")
     assert backbone.export_meta["method"] == "dino" and backbone.export_meta["channels"] == 1

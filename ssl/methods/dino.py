@@ -36,18 +36,23 @@ class DINOHead(nn.Module):
     onto `out_dim` prototypes: logit_k = g_k <v_k, x> / |v_k|, with every g_k initialised to 1.
 
     With `norm_last_layer` g stays frozen at 1, so the logits are cosine similarities to the prototypes.
+    `use_bn` puts BatchNorm after each hidden linear layer (main_dino.py's --use_bn_in_head). With AdamW it
+    keeps ResNet heads on small data from collapsing (dino_fmnist): without it the hidden activations share one
+    large mean direction, the first updates fit the batch-mean target and every sample's output turns towards
+    the same vector, which the EMA teacher then copies.
     `weight_norm`'s parametrisation keeps g and v as plain parameters with fixed names, so a deep copy (the
     teacher) has the same state-dict names and `ssl.ema` can average them.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(width_in: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            return [nn.Linear(width_in, hidden_dim), *norm, nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -130,6 +135,7 @@ class DINO(nn.Module):
     out_dim: prototypes K (65536 for ImageNet, a few thousand for small datasets).
     warmup_teacher_temp -> teacher_temp over warmup_teacher_temp_epochs; student_temp: tau_s.
     center_momentum: m of the center's moving average.
+    use_bn_in_head: BatchNorm in the head's hidden layers (see DINOHead).
     freeze_last_layer: epochs during which the prototypes get no update (stabilises the start of training).
     clip_grad: per-parameter gradient-norm bound for the student; 0 disables clipping.
     """
@@ -142,6 +148,7 @@ class DINO(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
         warmup_teacher_temp: float = 0.04,
         teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: int = 0,
@@ -155,7 +162,7 @@ class DINO(nn.Module):
             raise UserError(f"DINO needs at least one epoch to train, got epochs={epochs}")
         if min(warmup_teacher_temp, teacher_temp, student_temp) <= 0:
             raise UserError("DINO temperatures must be positive; check method.kwargs.*_temp")
-        head = DINOHead(backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
+        head = DINOHead(backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, use_bn_in_head)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("center", torch.zeros(out_dim))
