@@ -167,6 +167,18 @@ def _download(what: str, url: str, root: Path, fetch: Callable[[], Any]) -> None
         ) from None
 
 
+def _require_files(what: str, url: str, root: Path, files: list[Path], download: bool,
+                   fetch: Callable[[], Any], size: str = "") -> None:
+    """Fetch `what` with `fetch` when any of `files` is missing and `download`; then refuse, in one line naming
+    the first missing file and both fixes, if any is still missing."""
+    if not all(path.is_file() for path in files) and download:
+        _download(what, url, root, fetch)
+    missing = [path for path in files if not path.is_file()]
+    if missing:
+        raise UserError(f"{what} not found: looked for {missing[0]}; run with data.download=true (online{size}) "
+                        f"or extract {url} into {root}")
+
+
 def load_cifar(root: Path, split: str, download: bool, num_classes: int) -> tuple[Tensor, Tensor, list[str]]:
     """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python pickles under ``root``."""
     if num_classes == 10:
@@ -180,14 +192,8 @@ def load_cifar(root: Path, split: str, download: bool, num_classes: int) -> tupl
     if split not in names:
         raise UserError(f"{what} has splits {sorted(names)}, not {split!r}; fix data.*_split")
     files = [folder / name for name in names[split]] + [folder / meta]
-    if not all(path.is_file() for path in files) and download:
-        _download(what, url, root, lambda: tv_class(str(root), train=split == "train", download=True))
-    missing = [path for path in files if not path.is_file()]
-    if missing:
-        raise UserError(
-            f"{what} not found: looked for {missing[0]}; run with data.download=true (online) or extract {url} "
-            f"into {root}"
-        )
+    _require_files(what, url, root, files, download,
+                   lambda: tv_class(str(root), train=split == "train", download=True))
     fix = f"delete {folder} and run with data.download=true, or extract {url} into {root}"
     parts = [_read_cifar_pickle(path, label_key, fix) for path in files[:-1]]
     classes = _read_pickle_names(files[-1], names_key, fix)
@@ -243,14 +249,8 @@ def load_stl10(root: Path, split: str, download: bool, limit: int | None) -> tup
         raise UserError(f"STL-10 has splits ['test', 'train', 'unlabeled'], not {split!r}; fix data.*_split")
     folder = root / "stl10_binary"
     files = [folder / f"{split}_X.bin"] + ([] if split == "unlabeled" else [folder / f"{split}_y.bin"])
-    if not all(path.is_file() for path in files) and download:
-        _download("STL-10", STL10_URL, root, lambda: tv_datasets.STL10(str(root), split=split, download=True))
-    missing = [path for path in files if not path.is_file()]
-    if missing:
-        raise UserError(
-            f"STL-10 not found: looked for {missing[0]}; run with data.download=true (online, 2.5 GB) or extract "
-            f"{STL10_URL} into {root}"
-        )
+    _require_files("STL-10", STL10_URL, root, files, download,
+                   lambda: tv_datasets.STL10(str(root), split=split, download=True), size=", 2.5 GB")
     fix = f"delete {folder} and run with data.download=true, or extract {STL10_URL} into {root}"
     images = _read_stl_images(files[0], limit, fix)
     if split == "unlabeled":
