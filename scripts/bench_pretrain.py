@@ -417,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "in a temporary folder")
     parser.add_argument("--override", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                         help="extra Hydra override of every set-up's config, or with a byol: or dino: prefix of "
-                             "that method's set-ups only (repeatable), e.g. byol:backbone.kwargs.small_stem=false")
+                             "that method's set-ups only (repeatable), e.g. byol:backbone.kwargs.stem=imagenet")
     parser.add_argument("--json", type=Path, default=Path("bench/pretrain.json"),
                         help="write the records here (default: bench/pretrain.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default: 0)")

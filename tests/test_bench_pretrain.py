@@ -18,7 +18,7 @@ def test_tiny_cpu_run_writes_one_record_per_setup(tmp_path):
     out = tmp_path / "pretrain.json"
     setups = ["byol_ours", "byol_reference", "dino_ours"]
     # Cheaper models, one override per method: the ResNet's usual stem (an 8x8 map after it), 8 px ViT patches.
-    smaller = ["--override", "byol:backbone.kwargs.small_stem=false", "--override", "dino:backbone.kwargs.patch_size=8"]
+    smaller = ["--override", "byol:backbone.kwargs.stem=imagenet", "--override", "dino:backbone.kwargs.patch_size=8"]
     result = subprocess.run(
         [sys.executable, "scripts/bench_pretrain.py", *TINY, "--workers", "1", "--setups", *setups, *smaller,
          "--json", str(out)],

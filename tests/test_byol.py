@@ -12,7 +12,7 @@ def test_byol_loss_hand_computed():
 
 
 def make_byol():
-    backbone = build_backbone("resnet18", in_channels=1, small_stem=True)
+    backbone = build_backbone("resnet18", in_channels=1, stem="cifar")
     return build_method("byol", backbone, epochs=1, proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=32)
 
 

@@ -12,22 +12,29 @@ from torch import nn
 
 from ssl.errors import UserError
 
+STEMS = ("imagenet", "cifar", "stride2")
+"""ResNet stems, by how much they shrink the image before `layer1`:
+``imagenet``: 7x7 stride-2 convolution and 3x3 stride-2 max-pool (/4; torchvision's, for 224 px images);
+``cifar``: one 3x3 stride-1 convolution, no max-pool (/1; the usual stem for 32 px images, SimCLR/solo-learn);
+``stride2``: one 3x3 stride-2 convolution, no max-pool (/2; 28-32 px images on a CPU: a quarter of the cifar
+stem's cost in every later stage, and `layer4` still sees 2x2 on 28 px instead of the imagenet stem's 1x1)."""
+
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without its classifier.
+    """A torchvision ResNet without its classifier, with one of `STEMS` in front of `layer1`."""
 
-    `small_stem` swaps the 7x7 stride-2 convolution and max-pool for one 3x3 stride-1 convolution, the usual
-    stem for 32 px images (CIFAR), so the last stage still sees a 4x4 map instead of 1x1.
-    """
-
-    def __init__(self, depth: int, in_channels: int = 3, small_stem: bool = False) -> None:
+    def __init__(self, depth: int, in_channels: int = 3, stem: str = "imagenet") -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise UserError(f"unknown ResNet stem {stem!r}; choose one of: {', '.join(STEMS)}")
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-        if small_stem:
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem == "imagenet":
+            if in_channels != 3:
+                net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1 if stem == "cifar" else 2, padding=1,
+                                  bias=False)
             net.maxpool = nn.Identity()
-        elif in_channels != 3:
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.feature_dim: int = net.fc.in_features
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -58,7 +65,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build backbone `name` (one of `BACKBONES`) with its keyword arguments (`in_channels`, `small_stem`, ...)."""
+    """Build backbone `name` (one of `BACKBONES`) with its keyword arguments (`in_channels`, `stem`, ...)."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     try:
