@@ -2,19 +2,24 @@
 
 Rebuilds the backbone from the export alone (eval mode: no dropout, BatchNorm running statistics frozen), runs it
 once over the train and test splits without augmentation, then on those cached features
-  * trains linear probes over an (lr, weight decay) grid, picks the best on a held-out part of train, retrains
-    it on all of train and reports test top-1 / top-5 (`protocol=augmented`: the retraining sees random
-    crop + flip views through the backbone at every step instead, as in the papers);
+  * fits a linear probe (multinomial logistic regression, full-batch L-BFGS to convergence) for each weight decay
+    of a log grid, picks the best on a held-out part of train (growing the grid while its edge wins), refits it on
+    all of train and reports test top-1 / top-5 (`protocol=augmented`: the final probe trains with SGD on random
+    crop + flip views through the backbone at every step instead, as in the papers; see ssl/eval/linear.py);
   * classifies test features by weighted kNN over the train features (k = 20 and 200, T = 0.07, as DINO).
-Prints one summary line and writes `<run_dir>/linear_eval.json` (see configs/linear_eval.yaml).
+`baseline=random` runs all of it again on a randomly initialised backbone of the same architecture and prints its
+scores beside the export's. Prints one summary line and writes `<run_dir>/linear_eval.json` (see
+configs/linear_eval.yaml).
 """
 
+import functools
 import time
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from ssl.errors import UserError, run_cli
 from ssl.eval import cli
@@ -27,26 +32,17 @@ from ssl.models.export import load_backbone
 PROTOCOLS = ("cached", "augmented")
 
 
-def linear_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate the export `cfg.ckpt` on `cfg.data`; returns the report also written to linear_eval.json."""
-    ckpt = cli.checkpoint(cfg)
-    if cfg.protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol={cfg.protocol}; choose one of: {', '.join(PROTOCOLS)}")
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
+def evaluate_backbone(backbone: nn.Module, cfg: DictConfig, config: ProbeConfig, train_images: torch.Tensor,
+                      train_labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor,
+                      num_classes: int, device: torch.device) -> dict[str, Any]:
+    """Features, linear probe and kNN of one frozen backbone: the `linear`, `knn` and `seconds` report blocks."""
     meta = backbone.export_meta
-    cli.require_data(cfg)
-    train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
-    num_classes = len(classes)
-    test_images, test_labels, _ = cli.load_split(cfg.data, "test_split", meta, device)
-
     start = time.perf_counter()
     train_features = extract_features(backbone, train_images, meta, device, cfg.data.batch_size)
     test_features = extract_features(backbone, test_images, meta, device, cfg.data.batch_size)
     extract_seconds = cli.elapsed_since(start, device)
 
     start = time.perf_counter()
-    config = ProbeConfig(**OmegaConf.to_container(cfg.linear), seed=cfg.seed)
     augmented = None
     if cfg.protocol == "augmented":
         augmented = AugmentedFeatures(backbone, train_images, meta, cfg.padding, cfg.seed)
@@ -59,23 +55,48 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     votes = knn_votes(train_features, train_labels, test_features, num_classes, list(cfg.knn.ks),
                       cfg.knn.temperature)
-    knn_top1 = {k: 100 * topk_accuracy(v, test_labels, 1).item() for k, v in votes.items()}
+    knn_top1 = {f"k{k}_top1": 100 * topk_accuracy(v, test_labels, 1).item() for k, v in votes.items()}
     knn_seconds = cli.elapsed_since(start, device)
+    return {
+        "linear": {"top1": linear_top1, "top5": linear_top5, **selection.report()},
+        "knn": {"temperature": cfg.knn.temperature, **knn_top1},
+        "seconds": {"extract": extract_seconds, "linear": probe_seconds, "knn": knn_seconds},
+    }
 
+
+def summary_scores(result: dict[str, Any], ks: list[int]) -> dict[str, float]:
+    """The scores of the summary line, by the names it prints."""
+    return {"linear_top1": result["linear"]["top1"], "linear_top5": result["linear"]["top5"],
+            **{f"knn{k}_top1": result["knn"][f"k{k}_top1"] for k in ks}}
+
+
+def linear_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the export `cfg.ckpt` on `cfg.data`; returns the report also written to linear_eval.json."""
+    ckpt = cli.checkpoint(cfg)
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol={cfg.protocol}; choose one of: {', '.join(PROTOCOLS)}")
+    baseline = cli.baseline_kind(cfg)
+    config = ProbeConfig(**OmegaConf.to_container(cfg.linear), seed=cfg.seed)
+    device = cli.resolve_device(cfg.device)
+    backbone = load_backbone(ckpt, device)
+    meta = backbone.export_meta
+    cli.require_data(cfg)
+    train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
+    test_images, test_labels, _ = cli.load_split(cfg.data, "test_split", meta, device)
+
+    evaluate = functools.partial(evaluate_backbone, cfg=cfg, config=config, train_images=train_images,
+                                 train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+                                 num_classes=len(classes), device=device)
+    result, random_result = cli.evaluate_with_baseline(baseline, backbone, cfg.seed, device, evaluate)
     report = {
         "ckpt": str(ckpt),
         "role": meta["role"], "method": meta["method"], "pretrain_dataset": meta["dataset"], "epoch": meta["epoch"],
         "data": cfg.data.name, "num_train": len(train_labels), "num_test": len(test_labels),
-        "protocol": cfg.protocol,
-        "linear": {"top1": linear_top1, "top5": linear_top5, "lr": selection.lr,
-                   "weight_decay": selection.weight_decay, "epochs": config.epochs, "grid": selection.grid},
-        "knn": {"temperature": cfg.knn.temperature, **{f"k{k}_top1": top1 for k, top1 in knn_top1.items()}},
-        "seconds": {"extract": extract_seconds, "linear": probe_seconds, "knn": knn_seconds},
+        "protocol": cfg.protocol, **result, "baseline": cli.baseline_report(baseline, cfg.seed, random_result),
     }
     path = cli.write_report(cli.results_dir(cfg, ckpt, "linear_eval"), "linear_eval", report)
     print(f"wrote {path}")
-    print(f"linear_top1={linear_top1:.2f} linear_top5={linear_top5:.2f} "
-          + " ".join(f"knn{k}_top1={top1:.2f}" for k, top1 in knn_top1.items()))
+    print(cli.summary_line(functools.partial(summary_scores, ks=list(cfg.knn.ks)), result, random_result, baseline))
     return report
 
 

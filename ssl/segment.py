@@ -5,14 +5,18 @@ the mask size, trained with cross-entropy ignoring label 255; the backbone stays
 Reports mIoU (over the classes present in ground truth or prediction) and pixel accuracy, and writes
 `<run_dir>/segment.json` (with per-class IoU) plus `<run_dir>/segmenter.pt`: an export (role "segmentation") that
 also carries the head (`seg_head = {"name", "state_dict"}`) and the class names. Data options: configs/segment.yaml.
+`baseline=random` trains the same head on a randomly initialised backbone of the same architecture and prints its
+scores beside the export's.
 """
 
+import functools
 import time
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from ssl.errors import UserError, run_cli
 from ssl.eval import cli
@@ -55,23 +59,43 @@ def segmentation_sets(cfg: DictConfig, meta: dict[str, Any],
     return train.to(device), test.to(device)
 
 
-def segment(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate a segmentation head on the export `cfg.ckpt`; returns the report in segment.json."""
-    ckpt = cli.checkpoint(cfg)
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
-    meta = backbone.export_meta
-    train_set, test_set = segmentation_sets(cfg, meta, device)
-
-    model = Segmenter(backbone, cfg.head, train_set.num_classes, meta, cfg.finetune).to(device)
+def segment_backbone(backbone: nn.Module, cfg: DictConfig, train_set: SegmentationSet,
+                     test_set: SegmentationSet) -> tuple[dict[str, Any], Segmenter]:
+    """Train a segmentation head on one backbone and test it: the report's scores, and the trained model."""
+    model = Segmenter(backbone, cfg.head, train_set.num_classes, backbone.export_meta, cfg.finetune)
+    model = model.to(train_set.images.device)
     start = time.perf_counter()
     losses = train_segmenter(model, train_set, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr,
                              cfg.train.backbone_lr, cfg.train.weight_decay, cfg.seed,
                              on_epoch=lambda epoch, loss: print(f"epoch {epoch}/{cfg.train.epochs} loss={loss:.4f}",
                                                                 flush=True))
-    train_seconds = cli.elapsed_since(start, device)
+    train_seconds = cli.elapsed_since(start, train_set.images.device)
     confusion = evaluate_segmenter(model, test_set, cfg.train.batch_size)
-    miou, pixel_accuracy = 100 * confusion.mean_iou(), 100 * confusion.pixel_accuracy()
+    return {
+        "miou": 100 * confusion.mean_iou(), "pixel_accuracy": 100 * confusion.pixel_accuracy(),
+        "per_class_iou": {name: None if iou is None else 100 * iou
+                          for name, iou in zip(test_set.classes, confusion.iou())},
+        "train_loss": losses, "seconds": train_seconds,
+    }, model
+
+
+def summary_scores(result: dict[str, Any]) -> dict[str, float]:
+    """The scores of the summary line, by the names it prints."""
+    return {"miou": result["miou"], "pixel_acc": result["pixel_accuracy"]}
+
+
+def segment(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate a segmentation head on the export `cfg.ckpt`; returns the report in segment.json."""
+    ckpt = cli.checkpoint(cfg)
+    baseline = cli.baseline_kind(cfg)
+    device = cli.resolve_device(cfg.device)
+    backbone = load_backbone(ckpt, device)
+    meta = backbone.export_meta
+    train_set, test_set = segmentation_sets(cfg, meta, device)
+
+    evaluate = functools.partial(segment_backbone, cfg=cfg, train_set=train_set, test_set=test_set)
+    (result, model), random_run = cli.evaluate_with_baseline(baseline, backbone, cfg.seed, device, evaluate)
+    random_result = None if random_run is None else random_run[0]
 
     out_dir = cli.results_dir(cfg, ckpt, "segment")
     head = {"name": cfg.head, "state_dict": {name: t.detach().cpu() for name, t in model.head.state_dict().items()}}
@@ -80,15 +104,12 @@ def segment(cfg: DictConfig) -> dict[str, Any]:
                                         classes=train_set.classes, seg_head=head, source=str(ckpt))
     report = {
         "ckpt": str(ckpt), "seg_data": train_set.name, "head": cfg.head, "finetune": cfg.finetune,
-        "num_train": len(train_set.images), "num_test": len(test_set.images),
-        "miou": miou, "pixel_accuracy": pixel_accuracy,
-        "per_class_iou": {name: None if iou is None else 100 * iou
-                          for name, iou in zip(test_set.classes, confusion.iou())},
-        "train_loss": losses, "seconds": train_seconds, "export": str(export),
+        "num_train": len(train_set.images), "num_test": len(test_set.images), **result, "export": str(export),
+        "baseline": cli.baseline_report(baseline, cfg.seed, random_result),
     }
     path = cli.write_report(out_dir, "segment", report)
     print(f"wrote {path} and {export}")
-    print(f"miou={miou:.2f} pixel_acc={pixel_accuracy:.2f}")
+    print(cli.summary_line(summary_scores, result, random_result, baseline))
     return report
 
 

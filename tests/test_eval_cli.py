@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,17 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import ssl
+from ssl.eval import cli
 from ssl.linear_eval import linear_eval
 from ssl.models import build_backbone, save_export
-from ssl.models.export import FORMAT_VERSION
+from ssl.models.export import FORMAT_VERSION, random_backbone
+from ssl.segment import segment
 from tests.fixtures import write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST_PROBE = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.epochs=3", "knn.ks=[5,20]"]
+FAST_PROBE = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0,0.01]", "linear.epochs=3", "knn.ks=[5,20]"]
+# `name=value (random x, +d)`: a score, the random backbone's, and their signed difference.
+WITH_BASELINE = re.compile(r"(\w+)=(\d+\.\d\d) \(random (\d+\.\d\d), ([+-]\d+\.\d\d)\)")
 
 
 def tiny_export(path: Path, channels: int = 1) -> Path:
@@ -59,6 +64,50 @@ def test_augmented_protocol_in_process(workspace):
                                       *FAST_PROBE])
     report = linear_eval(cfg)
     assert report["protocol"] == "augmented" and (workspace["tmp"] / "aug" / "linear_eval.json").is_file()
+    assert report["linear"]["optimizer"] == "sgd" and report["linear"]["lr"] == 0.1
+    assert report["baseline"] is None  # off by default
+
+
+def test_random_baseline_has_the_exports_architecture_and_seeded_weights(workspace):
+    export = ssl.load_backbone(workspace["ckpt"])  # itself initialised from seed 0 (`tiny_export`)
+    before = torch.get_rng_state()
+    baseline = random_backbone(export.export_meta, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG stream is left alone
+    assert baseline.spec == export.spec and baseline.export_meta == export.export_meta
+    assert not baseline.training and not any(p.requires_grad for p in baseline.parameters())
+    weights, export_weights = baseline.state_dict(), export.state_dict()
+    assert weights.keys() == export_weights.keys()
+    assert all(weights[name].shape == tensor.shape for name, tensor in export_weights.items())
+    assert not torch.equal(weights["stem.0.weight"], export_weights["stem.0.weight"])
+    again, other = random_backbone(export.export_meta, seed=1), random_backbone(export.export_meta, seed=2)
+    assert all(torch.equal(tensor, again.state_dict()[name]) for name, tensor in weights.items())
+    assert not torch.equal(weights["stem.0.weight"], other.state_dict()["stem.0.weight"])
+
+
+def test_summary_line_puts_the_baseline_and_the_signed_difference_beside_each_score():
+    scores = {"linear_top1": 85.1, "knn20_top1": 80.0}
+    baseline = {"linear_top1": 82.16, "knn20_top1": 81.456}
+    assert cli.summary_line(dict, scores) == "linear_top1=85.10 knn20_top1=80.00"
+    assert (cli.summary_line(dict, scores, baseline, "random")
+            == "linear_top1=85.10 (random 82.16, +2.94) knn20_top1=80.00 (random 81.46, -1.46)")
+
+
+def test_linear_eval_with_a_random_baseline(workspace):
+    out = workspace["tmp"] / "baseline"
+    result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                 f"run_dir={out}", "baseline=random", "seed=1", *FAST_PROBE)  # the fixture export is seed 0's init
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "linear_eval.json").read_text())
+    random = report["baseline"]
+    assert random["kind"] == "random" and random["seed"] == 1
+    assert random.keys() >= {"linear", "knn", "seconds"} and random["knn"].keys() == report["knn"].keys()
+    assert random["linear"].keys() == report["linear"].keys()
+    printed = {name: (float(value), float(base), float(diff))
+               for name, value, base, diff in WITH_BASELINE.findall(result.stdout.strip().splitlines()[-1])}
+    assert list(printed) == ["linear_top1", "linear_top5", "knn5_top1", "knn20_top1"]
+    assert printed["linear_top1"][:2] == (round(report["linear"]["top1"], 2), round(random["linear"]["top1"], 2))
+    assert printed["knn20_top1"][:2] == (round(report["knn"]["k20_top1"], 2), round(random["knn"]["k20_top1"], 2))
+    assert all(diff == pytest.approx(value - base, abs=1e-9) for value, base, diff in printed.values())
 
 
 def test_finetune_writes_a_finetuned_export_with_its_head(workspace):
@@ -83,6 +132,33 @@ def test_segment_on_a_tiny_mosaic_set(workspace):
     report = json.loads((out / "segment.json").read_text())
     assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 4
     assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "fcn"
+
+
+def test_segment_with_a_random_baseline_in_process(workspace, capsys):
+    out = workspace["tmp"] / "segment_baseline"
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("segment", [f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                                  f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4",
+                                  "train.epochs=1", "train.batch_size=4", "baseline=random"])
+    report = segment(cfg)
+    random = report["baseline"]
+    assert random["kind"] == "random" and random.keys() >= {"miou", "pixel_accuracy", "per_class_iou", "train_loss"}
+    assert len(random["per_class_iou"]) == len(report["per_class_iou"])
+    printed = WITH_BASELINE.findall(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [name for name, *_ in printed] == ["miou", "pixel_acc"]
+    assert float(printed[0][2]) == round(random["miou"], 2)
+    # segmenter.pt holds the export's frozen backbone, not the baseline's.
+    saved, export = ssl.load_backbone(out / "segmenter.pt"), ssl.load_backbone(workspace["ckpt"])
+    assert torch.equal(saved.state_dict()["stem.0.weight"], export.state_dict()["stem.0.weight"])
+
+
+def test_unknown_baseline_is_one_error_line(workspace):
+    result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                 f"run_dir={workspace['tmp'] / 'unknown_baseline'}", "baseline=imagenet")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: unknown baseline=imagenet; choose one of: random "
+                                                  "(or null for none)"]
+    assert not (workspace["tmp"] / "unknown_baseline").exists()
 
 
 class RunsCode:

@@ -1,10 +1,12 @@
-"""What the downstream entry points share: the checkpoint, its default data config, the device, the report."""
+"""What the downstream entry points share: the checkpoint, its default data config, the device, the report, and the
+`baseline=random` comparison (the same evaluation of a randomly initialised backbone, printed beside every score)."""
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -13,9 +15,11 @@ from torch import nn
 from ssl.data import BatchLoader, build_dataset
 from ssl.errors import UserError
 from ssl.eval.preprocess import check_channels
-from ssl.models.export import META_KEYS, load_export, save_export
+from ssl.models.export import META_KEYS, load_export, random_backbone, save_export
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+BASELINES = ("random",)
+T = TypeVar("T")
 
 
 def select_data_from_export() -> None:
@@ -103,3 +107,49 @@ def elapsed_since(start: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def baseline_kind(cfg: DictConfig) -> str | None:
+    """`baseline=` checked before any work: None (off, the default) or one of `BASELINES`."""
+    kind = cfg.get("baseline")
+    if kind is not None and kind not in BASELINES:
+        raise UserError(f"unknown baseline={kind}; choose one of: {', '.join(BASELINES)} (or null for none)")
+    return kind
+
+
+def evaluate_with_baseline(kind: str | None, backbone: nn.Module, seed: int, device: torch.device,
+                           evaluate: Callable[[nn.Module], T]) -> tuple[T, T | None]:
+    """`evaluate(backbone)`, and with a baseline also `evaluate` of a backbone of the same architecture, input size,
+    channels and normalisation, randomly initialised from `seed` (`ssl.models.export.random_backbone`).
+
+    A score alone does not say what pretraining bought: a random network's features already score well above
+    chance, so every entry point runs the identical protocol on both and reports the difference.
+    """
+    result = evaluate(backbone)
+    if kind is None:
+        return result, None
+    print(f"baseline={kind}: the same evaluation of a randomly initialised {backbone.export_meta['backbone']['name']}"
+          f" (seed {seed})", flush=True)
+    return result, evaluate(random_backbone(backbone.export_meta, seed, device))
+
+
+def baseline_report(kind: str | None, seed: int, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's `baseline` block: the baseline's results in the export's structure, with its kind and seed."""
+    return None if result is None else {"kind": kind, "seed": seed, **result}
+
+
+def summary_line(scores_of: Callable[[dict[str, Any]], dict[str, float]], result: dict[str, Any],
+                 baseline_result: dict[str, Any] | None = None, kind: str | None = None) -> str:
+    """`name=value ...` for the scores `scores_of(result)` names, each followed by `(random x, +d)` with a baseline.
+
+    The difference is taken between the printed (2-decimal) values, so the line's arithmetic checks out.
+    """
+    scores = scores_of(result)
+    baseline = None if baseline_result is None else scores_of(baseline_result)
+    parts = []
+    for name, value in scores.items():
+        part = f"{name}={value:.2f}"
+        if baseline is not None:
+            part += f" ({kind} {baseline[name]:.2f}, {round(value, 2) - round(baseline[name], 2):+.2f})"
+        parts.append(part)
+    return " ".join(parts)

@@ -78,6 +78,26 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         backbone.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
         raise UserError(f"{path}: tensors do not fit backbone {spec['name']}: {str(error).splitlines()[0]}") from None
-    backbone.export_meta = {key: value for key, value in payload.items() if key != "state_dict"}
+    return _as_loaded(backbone, {key: value for key, value in payload.items() if key != "state_dict"}, device)
+
+
+def random_backbone(meta: dict[str, Any], seed: int, device: str | torch.device = "cpu") -> nn.Module:
+    """A randomly initialised backbone of the exact architecture an export's metadata `meta` records, as
+    `load_backbone` returns backbones (frozen, eval mode, `export_meta` = `meta`): the baseline that says how much
+    of a score the architecture and protocol give without any training.
+
+    The weights depend on `seed` alone: the initialisation draws from the global RNG seeded with it inside
+    `torch.random.fork_rng`, which restores the caller's RNG state afterwards.
+    """
+    spec = meta["backbone"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = build_backbone(spec["name"], **spec["kwargs"])
+    return _as_loaded(backbone, meta, device)
+
+
+def _as_loaded(backbone: nn.Module, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """Frozen, in eval mode (BatchNorm running statistics, no dropout), on `device`, carrying its metadata."""
+    backbone.export_meta = dict(meta)
     backbone.requires_grad_(False)
     return backbone.eval().to(device)
