@@ -5,7 +5,7 @@
 | --- | --- |
 | `preprocess.py` | uint8 images -> the export's normalisation and resolution; random crop + flip; channel check |
 | `features.py` | pooled features of a frozen backbone: once per dataset, or per batch of augmented views |
-| `linear.py` | `LinearProbe` (a grid of heads in one matmul), `ProbeSGD`, held-out (lr, wd) selection |
+| `linear.py` | L-BFGS logistic regression, weight decay chosen on held-out data; SGD heads (augmented protocol) |
 | `knn.py` | weighted kNN votes on L2-normalised features (DINO) |
 | `metrics.py` | top-k accuracy; `ConfusionMatrix` -> mIoU, pixel accuracy, per-class IoU |
 | `training.py` | AdamW with a separate backbone lr on warm-up + cosine (fine-tuning, segmentation) |
