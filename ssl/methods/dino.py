@@ -36,10 +36,12 @@ class DINOHead(nn.Module):
     onto `out_dim` prototypes: logit_k = g_k <v_k, x> / |v_k|, with every g_k initialised to 1.
 
     With `norm_last_layer` g stays frozen at 1, so the logits are cosine similarities to the prototypes.
-    `use_bn` puts BatchNorm after each hidden linear layer (main_dino.py's --use_bn_in_head). With AdamW it
-    keeps ResNet heads on small data from collapsing (dino_fmnist): without it the hidden activations share one
-    large mean direction, the first updates fit the batch-mean target and every sample's output turns towards
-    the same vector, which the EMA teacher then copies.
+    `use_bn` puts BatchNorm after each hidden linear layer (main_dino.py's --use_bn_in_head; dino_fmnist uses it).
+    Width matters for the plain head: the initialisation shrinks the input by ~0.02 sqrt(width) per linear layer,
+    so the bottleneck output starts at ~1.4 for ResNet-18 features through 2048-256 but ~0.03 for 64-d features
+    through 256-64. The gradient through the L2 normalisation grows as 1/|output| and LARS leaves the bottleneck
+    bias to plain SGD (as solo-learn does), so in a narrow head that bias dominates within a few steps, every
+    output turns towards it and the centred teacher goes uniform; the 2048-wide head trains (tests/test_dino.py).
     `weight_norm`'s parametrisation keeps g and v as plain parameters with fixed names, so a deep copy (the
     teacher) has the same state-dict names and `ssl.ema` can average them.
     """
