@@ -7,7 +7,7 @@ ARGS       ?=
 CKPT       ?=
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test lint data demo pretrain linear-eval bench clean
+.PHONY: install test lint data demo pretrain linear-eval bench quality clean
 DEMO_DIR   := runs/demo
 
 install: $(VENV)/.installed
@@ -42,7 +42,7 @@ demo: install data
 	rm -rf $(DEMO_DIR)
 	$(PY) -m ssl.pretrain +experiment=byol_fmnist device=cpu logger=none run_dir=$(DEMO_DIR) \
 		data.limit=10000 trainer.epochs=4 trainer.warmup_epochs=1
-	$(PY) -m ssl.linear_eval ckpt=$(DEMO_DIR)/teacher.pt device=cpu
+	$(PY) -m ssl.linear_eval ckpt=$(DEMO_DIR)/teacher.pt device=cpu baseline=random
 
 pretrain: install
 	$(PY) -m ssl.pretrain +experiment=$(EXP) $(ARGS)
@@ -57,6 +57,11 @@ bench: install
 	$(PY) scripts/bench_augment.py --device $(DEVICE) --json bench/augment.json
 	$(PY) scripts/bench_pretrain.py --device $(DEVICE) --json bench/pretrain.json
 	$(PY) scripts/bench_linear_eval.py --device $(DEVICE) --json bench/linear_eval.json
+
+# Learning quality (about an hour on a 2-core CPU): BYOL and DINO on Fashion-MNIST against random init and a
+# supervised reference; writes bench/quality.md and bench/quality.json.
+quality: install data
+	$(PY) -m scripts.bench_quality --device $(DEVICE)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache
