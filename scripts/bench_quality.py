@@ -9,15 +9,16 @@ For each method, `python -m ssl.pretrain +experiment=<method>_fmnist` runs at it
 --pretrain-override), then every model below goes through the same commands users run, on the full test set:
   teacher     the EMA teacher's export (teacher.pt)
   student     the student's export (student.pt)
-  random      a randomly initialised backbone of the same architecture (seed 0): the bar to clear
+  random      a randomly initialised backbone of the same architecture (seed 0, which is also the pretraining's
+              initialisation): the bar to clear; one per architecture
   supervised  that random backbone trained with labels (`ssl.finetune`, crop + flip views) for as many epochs as
-              the pretraining ran: what the same compute buys with labels
+              the longest pretraining of that architecture: what the same data buys with labels
 Each model is scored by `ssl.linear_eval` (linear top-1, weighted kNN top-1 at k = 20 and 200) and `ssl.segment`
 (frozen backbone, linear head on Fashion-MNIST mosaics: mIoU). Pretraining minutes are wall time of the whole
 command; images/s is the mean over the run's logged intervals (metrics.jsonl). Writes a markdown table and JSON.
 
-This is a benchmark, not a test: at its defaults it runs for about an hour on a 2-core CPU. --reuse keeps a
-finished pretraining run (its teacher.pt exists) instead of starting it again, so the evaluation can be redone.
+This is a benchmark, not a test: at its defaults it runs for about an hour on a 2-core CPU. --reuse keeps what a
+previous run under --out finished (pretraining runs, the supervised reference, evaluation reports) and redoes the rest.
 """
 
 import argparse
@@ -49,15 +50,16 @@ def run(module: str, *args: str) -> float:
 
 
 def pretrain(method: str, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Pretrain (or, with --reuse, keep a finished run) and return its config, minutes and images/s."""
-    if not (args.reuse and (run_dir / "teacher.pt").is_file()):
+    """Pretrain (or, with --reuse, keep a finished run) and return its epochs, minutes and images/s."""
+    finished = run_dir / "bench_seconds.txt"  # written once the command has finished, unlike teacher.pt
+    if not (args.reuse and finished.is_file()):
         seconds = run("ssl.pretrain", f"+experiment={method}_fmnist", f"device={args.device}", "logger=none",
                       f"run_dir={run_dir}", *args.pretrain_override)
-        (run_dir / "bench_seconds.txt").write_text(f"{seconds}\n")
+        finished.write_text(f"{seconds}\n")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [record["images_per_s"] for record in records if "images_per_s" in record]
     epochs = max(record["epoch"] for record in records if record.get("type") == "epoch")
-    return {"minutes": float((run_dir / "bench_seconds.txt").read_text()) / 60,
+    return {"minutes": float(finished.read_text()) / 60,
             "images_per_s": sum(rates) / len(rates), "epochs": epochs}
 
 
@@ -69,38 +71,60 @@ def random_export(source: Path, path: Path, seed: int = 0) -> Path:
 
 
 def evaluate(ckpt: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Linear probe, kNN and mosaic segmentation of one export, each by its entry point."""
+    """Linear probe, kNN and mosaic segmentation of one export, each by its entry point (kept with --reuse)."""
     common = [f"ckpt={ckpt}", f"device={args.device}"]
-    run("ssl.linear_eval", *common, f"run_dir={out / 'linear_eval'}", *args.eval_override)
-    run("ssl.segment", *common, f"run_dir={out / 'segment'}", *args.eval_override, *args.segment_override)
-    linear = json.loads((out / "linear_eval" / "linear_eval.json").read_text())
-    segment = json.loads((out / "segment" / "segment.json").read_text())
+    linear_json, segment_json = out / "linear_eval" / "linear_eval.json", out / "segment" / "segment.json"
+    if not (args.reuse and linear_json.is_file()):
+        run("ssl.linear_eval", *common, f"run_dir={linear_json.parent}", *args.eval_override)
+    if not (args.reuse and segment_json.is_file()):
+        run("ssl.segment", *common, f"run_dir={segment_json.parent}", *args.eval_override, *args.segment_override)
+    linear, segment = json.loads(linear_json.read_text()), json.loads(segment_json.read_text())
     return {"linear top-1": linear["linear"]["top1"], "kNN20": linear["knn"]["k20_top1"],
             "kNN200": linear["knn"]["k200_top1"], "mosaic mIoU": segment["miou"]}
 
 
+def supervised(random: Path, epochs: int, out: Path, args: argparse.Namespace) -> Path:
+    """The random export trained with labels for `epochs` (kept with --reuse when it ran that many epochs)."""
+    report = out / "finetune.json"
+    if not (args.reuse and report.is_file() and json.loads(report.read_text())["train"]["epochs"] == epochs):
+        run("ssl.finetune", f"ckpt={random}", f"device={args.device}", f"run_dir={out}", f"train.epochs={epochs}",
+            f"train.backbone_lr={args.supervised_lr}", f"train.lr={args.supervised_lr}", *args.eval_override)
+    return out / "finetuned.pt"
+
+
+def architecture(export: Path) -> str:
+    """A folder name for an export's architecture, e.g. resnet18-in_channels1-stemimagenet."""
+    spec = load_backbone(export).export_meta["backbone"]
+    return "-".join([spec["name"], *(f"{key}{value}" for key, value in sorted(spec["kwargs"].items()))])
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Pretrain every method, then score its teacher and student, and once per architecture random init and the
+    supervised reference (trained for as many epochs as the longest pretraining of that architecture)."""
     out = Path(args.out)
-    rows: list[dict[str, Any]] = []
+    training = {method: pretrain(method, out / method, args) for method in args.methods}
+    references: dict[str, list[str]] = {}
     for method in args.methods:
-        run_dir = out / method
-        training = pretrain(method, run_dir, args)
-        exports = {"teacher": run_dir / "teacher.pt", "student": run_dir / "student.pt",
-                   "random": random_export(run_dir / "teacher.pt", run_dir / "random.pt")}
-        supervised_dir = run_dir / "supervised"
-        run("ssl.finetune", f"ckpt={exports['random']}", f"device={args.device}", f"run_dir={supervised_dir}",
-            f"train.epochs={training['epochs']}", f"train.backbone_lr={args.supervised_lr}",
-            f"train.lr={args.supervised_lr}", *args.eval_override)
-        exports["supervised"] = supervised_dir / "finetuned.pt"
-        for model, ckpt in exports.items():
-            scores = evaluate(ckpt, run_dir / f"eval_{model}", args)
-            rows.append({"method": method, "model": model, **scores,
-                         **({"pretrain minutes": training["minutes"], "images/s": training["images_per_s"]}
-                            if model == "teacher" else {})})
-        random_scores = next(row for row in rows if row["method"] == method and row["model"] == "random")
-        for row in rows:
-            if row["method"] == method:
-                row["vs random"] = {column: row[column] - random_scores[column] for column in COLUMNS}
+        references.setdefault(architecture(out / method / "teacher.pt"), []).append(method)
+    rows: list[dict[str, Any]] = []
+    for arch, methods in references.items():
+        reference_dir = out / f"reference_{arch}"
+        random = random_export(out / methods[0] / "teacher.pt", reference_dir / "random.pt")
+        epochs = max(training[method]["epochs"] for method in methods)
+        scores = {("random", "reference"): evaluate(random, reference_dir / "eval_random", args),
+                  (f"supervised, {epochs} epochs", "reference"): evaluate(
+                      supervised(random, epochs, reference_dir / "supervised", args),
+                      reference_dir / "eval_supervised", args)}
+        for method in methods:
+            for model in ("teacher", "student"):
+                scores[model, method] = evaluate(out / method / f"{model}.pt", out / method / f"eval_{model}", args)
+        baseline = scores["random", "reference"]
+        for (model, method), score in scores.items():
+            timing = training[method] if model == "teacher" else {}
+            rows.append({"method": method, "model": model, "architecture": arch, **score,
+                         "vs random": {column: score[column] - baseline[column] for column in COLUMNS},
+                         **({"pretrain minutes": timing["minutes"], "images/s": timing["images_per_s"]}
+                            if timing else {})})
     return {"rows": rows, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}", "device": args.device, "command": " ".join(sys.argv),
             "pretrain_overrides": args.pretrain_override, "eval_overrides": args.eval_override}
@@ -128,7 +152,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/quality", help="folder for the runs and their evaluations")
     parser.add_argument("--json", default="bench/quality.json", help="where to write the results as JSON")
     parser.add_argument("--markdown", default="bench/quality.md", help="where to write the markdown table")
-    parser.add_argument("--reuse", action="store_true", help="keep finished pretraining runs found under --out")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the pretraining runs, supervised reference and evaluations finished under --out")
     parser.add_argument("--supervised-lr", type=float, default=1e-3,
                         help="AdamW lr of backbone and head for the supervised reference (trained from scratch)")
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE",

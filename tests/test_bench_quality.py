@@ -25,17 +25,21 @@ def test_bench_quality_scores_every_model_against_random_init(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
     report = json.loads((tmp_path / "quality.json").read_text())
-    rows = {row["model"]: row for row in report["rows"]}
-    assert list(rows) == ["teacher", "student", "random", "supervised"]
+    rows = {(row["method"], row["model"]): row for row in report["rows"]}
+    assert list(rows) == [("reference", "random"), ("reference", "supervised, 1 epochs"), ("byol", "teacher"),
+                          ("byol", "student")]
+    random = rows["reference", "random"]
     for row in rows.values():
+        assert row["architecture"] == "resnet18-in_channels1-stemimagenet"
         for column in ("linear top-1", "kNN20", "kNN200", "mosaic mIoU"):
             assert 0 <= row[column] <= 100
-            assert math.isclose(row["vs random"][column], row[column] - rows["random"][column], abs_tol=1e-9)
-    assert rows["random"]["vs random"] == {column: 0 for column in rows["random"]["vs random"]}
-    assert rows["teacher"]["pretrain minutes"] > 0 and rows["teacher"]["images/s"] > 0
+            assert math.isclose(row["vs random"][column], row[column] - random[column], abs_tol=1e-9)
+    assert random["vs random"] == {column: 0 for column in random["vs random"]}
+    assert rows["byol", "teacher"]["pretrain minutes"] > 0 and rows["byol", "teacher"]["images/s"] > 0
     # The supervised reference starts from the random export and trains for as many epochs as the pretraining.
-    supervised = json.loads((tmp_path / "runs" / "byol" / "supervised" / "finetune.json").read_text())
+    reference = tmp_path / "runs" / "reference_resnet18-in_channels1-stemimagenet"
+    supervised = json.loads((reference / "supervised" / "finetune.json").read_text())
     assert supervised["train"]["epochs"] == 1 and supervised["ckpt"].endswith("random.pt")
     table = (tmp_path / "quality.md").read_text()
     assert table.startswith("| method | model | linear top-1 | kNN20 | kNN200 | mosaic mIoU |")
-    assert table.count("| byol |") == 4
+    assert table.count("| byol |") == 2 and table.count("| reference |") == 2
