@@ -1,25 +1,205 @@
-"""Atomic writes: a file on disk is either the old complete version or the new complete version, never half."""
+"""Writing a run's files so that failures cannot damage them, and resuming only what fits the config.
+
+Writes are atomic: a file on disk is either the old complete version or the new complete version, never half, and
+files written together (a checkpoint and its exports) are replaced together or not at all. An OS error (a full
+disk, a lost permission) leaves no temporary file behind and comes out as an `OSError` naming the file.
+
+Resuming reads the checkpoint's config first: values that decide what its tensors are (method, backbone, heads, data
+channels, image size, optimiser) must not change; everything else may, with a notice.
+"""
+
+from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
+from torch import nn
+
+from ssl.errors import UserError, is_system_error, os_failure, with_path
+
+if TYPE_CHECKING:  # exports import this module: `ssl.load_backbone` need not load the training code
+    from ssl.ema import EMA
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save(obj)` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_write(writers: Mapping[str | os.PathLike, Callable[[BinaryIO], object]]) -> None:
+    """Call each writer on a temporary file beside its path and fsync it; once all are written, rename each over
+    its path. On any failure the temporary files are removed and every existing file is left as it was.
+
+    OS errors are raised as `OSError` naming the file being written: torch's zip writer buries a failed write under
+    its own second error, and a failed `write()` names no file.
+    """
+    staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    target = Path()  # the file being written, then renamed: the one a failure is about
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for target, write in ((Path(path), write) for path, write in writers.items()):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            staged.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException as error:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is None:
+            raise
+        raise with_path(cause, target) from None
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OS error that `error` is or was raised while handling (only for `Exception`s: Ctrl-C stays Ctrl-C)."""
+    cause: BaseException | None = error
+    while isinstance(cause, Exception) and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause if is_system_error(cause) else None
+
+
+def atomic_save(objects: Mapping[str | os.PathLike, Any]) -> None:
+    """`torch.save` each object to its path, all or none (see `atomic_write`)."""
+    atomic_write({path: partial(torch.save, obj) for path, obj in objects.items()})
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write({path: lambda handle: handle.write(text.encode())})
+    return Path(path)
+
+
+def kept_note(checkpoint_path: Path) -> str:
+    """What a failed run leaves to continue from."""
+    return f"the last good {checkpoint_path} is kept" if checkpoint_path.exists() else "nothing was saved yet"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming
+
+# What the checkpoint's tensors (and the optimiser's state) are made of: a resumed run must keep these values.
+STRUCTURE_KEYS = ("method.name", "method.kwargs", "backbone.name", "backbone.kwargs", "data.channels",
+                  "data.image_size", "data.num_classes", "optim.name")
+# Where and how a session runs, not what it learns: free to differ between sessions, not worth a notice.
+SESSION_KEYS = ("name", "run_dir", "resume", "device", "logger", "data.root", "data.download", "data.num_workers",
+                "trainer.log_every", "trainer.compile")
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    if resume is None or resume is False:
+        return None
+    if resume == "auto":
+        path = run_dir / "checkpoint.pt"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"resume={resume}: no such checkpoint; pass resume=auto or the path of a checkpoint.pt")
     return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if is_system_error(error):  # the disk or a permission, not the file
+            raise os_failure(error, path) from None
+        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}); pass another resume path") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{path} is not a training checkpoint (an export? resume takes RUN_DIR/checkpoint.pt)")
+    return state
+
+
+@dataclass
+class Resume:
+    """A checkpoint checked against the config it is resumed under; `notices` say what differs."""
+
+    path: Path
+    state: dict[str, Any]
+    notices: list[str] = field(default_factory=list)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, steps_per_epoch: int,
+                device: torch.device) -> int:
+        """Load the state into a freshly built run (bit-identical continuation when nothing changed); returns the
+        step to continue from."""
+        state = self.state
+        check_tensors_fit(self.path, model.state_dict(), state["model"])
+        model.load_state_dict(state["model"])
+        fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(optimizer.param_groups, fresh):
+            group.update(settings)  # hyperparameters come from the config (a new batch size rescales the probe's lr)
+        ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        step, saved_steps = state["step"], state.get("steps_per_epoch", steps_per_epoch)
+        if saved_steps != steps_per_epoch:  # a new batch size or data.limit: steps count in other units
+            epoch, done = divmod(step, saved_steps)
+            self.notices.append(f"steps per epoch {saved_steps} -> {steps_per_epoch}: continuing at the start of "
+                                f"epoch {epoch + 1}" + (f", whose {done} finished steps are redone" if done else ""))
+            step = ema.step = epoch * steps_per_epoch
+        return step
+
+
+def resume_state(config: Mapping[str, Any], run_dir: Path) -> Resume | None:
+    """The checkpoint this run continues (None for a fresh run), refused in one line before anything is built or
+    loaded when it cannot continue under `config` (the run's resolved config)."""
+    path = find_resume_checkpoint(config["resume"], run_dir)
+    if path is None:
+        if (run_dir / "checkpoint.pt").exists():
+            raise UserError(f"{run_dir} already holds a run (checkpoint.pt); continue it with resume=auto, "
+                            "or start a new one with another run_dir")
+        return None
+    state = load_checkpoint(path)
+    if "config" not in state:
+        return Resume(path, state, [f"{path} records no config (an older version wrote it): resuming without "
+                                    "checking that it fits this one"])
+    saved, now = _flatten(state["config"]), _flatten(config)
+    differing = [key for key in sorted(saved.keys() | now.keys())
+                 if saved.get(key, _UNSET) != now.get(key, _UNSET) and not _under(key, SESSION_KEYS)]
+    refused = ", ".join(f"{key} {_show(saved.get(key, _UNSET))} vs {_show(now.get(key, _UNSET))}"
+                        for key in differing if _under(key, STRUCTURE_KEYS))
+    if refused:
+        raise UserError(f"cannot resume {path}: the model it holds differs (checkpoint vs now: {refused}); resume "
+                        f"with the checkpoint's values (see {path.parent / 'config.yaml'}) or start a new run_dir")
+    if not differing:
+        return Resume(path, state)
+    changes = ", ".join(f"{key} {_show(saved.get(key, _UNSET))} -> {_show(now.get(key, _UNSET))}" for key in differing)
+    return Resume(path, state, [f"changed since the checkpoint: {changes}; the weights and optimiser state carry "
+                                "over, the lr, weight-decay and EMA schedules are rebuilt from the new values"])
+
+
+def check_tensors_fit(path: Path, expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:
+    """Refuse in one line a checkpoint whose tensors do not fit the model (`load_state_dict` would fail in many)."""
+    differences = [f"{key} missing from the checkpoint" for key in sorted(expected.keys() - saved.keys())]
+    differences += [f"{key} only in the checkpoint" for key in sorted(saved.keys() - expected.keys())]
+    differences += [f"{key} {tuple(saved[key].shape)} vs {tuple(expected[key].shape)}"
+                    for key in sorted(expected.keys() & saved.keys()) if saved[key].shape != expected[key].shape]
+    if differences:
+        raise UserError(f"cannot resume {path}: {len(differences)} of its tensors do not fit the model this config "
+                        f"builds (first: {differences[0]}); resume with the config it was trained with or start a "
+                        "new run_dir")
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _UNSET else str(value)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"dotted.key": leaf value}; lists stay whole."""
+    if isinstance(tree, Mapping):
+        return {key: leaf for name, value in tree.items() for key, leaf in _flatten(value, f"{prefix}{name}.").items()}
+    return {prefix.removesuffix("."): tree}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)

@@ -4,13 +4,14 @@ wandb is imported only when used and defaults to offline mode, which needs no ac
 (`wandb sync RUN_DIR/wandb/...` uploads later); `logger.mode=online` syncs live.
 """
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ssl.errors import UserError
+from ssl.errors import UserError, with_path
 
 
 class RunLogger:
@@ -25,8 +26,13 @@ class RunLogger:
             raise UserError(f"unknown logger {logger_cfg['name']!r}; choose one of: wandb, none")
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self._file.close()  # else its unwritten buffer fails again, loudly, when the process exits
+            raise with_path(error, self.metrics_path) from None
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 

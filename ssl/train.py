@@ -13,34 +13,42 @@ gradients of everything trained (student, predictor, probe); the teacher has no 
 alone and every rank moves it with `ssl.ema` after the identical optimiser step: teachers stay identical without
 communication. Rank 0 alone logs and writes files.
 
-Nothing is written until it is known to be good: a checkpoint and the exports are written (atomically) at
-the end of each epoch, or when SIGINT/SIGTERM arrives, only after checking that no loss went non-finite.
+Nothing is written until it is known to be good: a checkpoint and the exports are written (atomically, all three
+or none) at the end of each epoch, or when SIGINT/SIGTERM arrives, only after checking that no loss went non-finite.
+What stops a run from outside the code (device memory, the file system) ends in one line that says what is kept and
+how to continue (`reported_failures`); a run refuses a folder another live run holds (`ssl.run_lock`).
 """
 
 import itertools
 import math
+import shlex
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl.checkpoint import atomic_save
+from ssl.checkpoint import Resume, atomic_save, atomic_write_text, kept_note, resume_state
 from ssl.data import BatchLoader, ViewAugmenter, build_dataset
 from ssl.distributed import Process, all_reduce_mean, convert_sync_batchnorm, init_process, shutdown
 from ssl.ema import EMA, build_schedule
-from ssl.errors import UserError
+from ssl.errors import UserError, os_failure
 from ssl.loggers import RunLogger
 from ssl.methods import MethodOutput, build_method
-from ssl.models import build_backbone, save_export
+from ssl.models import build_backbone
+from ssl.models.export import export_payload
 from ssl.optim import build_optimizer, cosine_schedule, param_groups
+from ssl.run_lock import run_lock
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,28 +99,6 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    if resume is None or resume is False:
-        return None
-    if resume == "auto":
-        path = run_dir / "checkpoint.pt"
-        return path if path.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"resume={resume}: no such checkpoint; pass resume=auto or the path of a checkpoint.pt")
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot read checkpoint {path} ({type(error).__name__}); pass another resume path") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"{path} is not a training checkpoint (an export? resume takes RUN_DIR/checkpoint.pt)")
-    return state
-
-
 class OnlineProbe(nn.Module):
     """The method plus a linear classifier on its detached teacher features: the one module DDP wraps."""
 
@@ -130,17 +116,65 @@ def train(cfg: DictConfig) -> Path:
     """Pretrain `cfg.method` and return the path of the exported teacher backbone."""
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
-    checkpoint_path = run_dir / "checkpoint.pt"
-    resume_path = find_resume_checkpoint(cfg.resume, run_dir)
-    if resume_path is None and checkpoint_path.exists():
-        raise UserError(f"{run_dir} already holds a run (checkpoint.pt); continue it with resume=auto, "
-                        "or start a new one with another run_dir")
     device = resolve_device(cfg.device)
     process = init_process(device.type)
     try:
-        return _train(cfg, run_dir, checkpoint_path, resume_path, device, process)
+        # Rank 0 alone writes run_dir, so it alone holds the lock (which also creates run_dir).
+        with (reported_failures(cfg, run_dir, process),
+              run_lock(run_dir) if process.is_main else nullcontext()):
+            resume = resume_state(OmegaConf.to_container(cfg, resolve=True), run_dir)
+            return _train(cfg, run_dir, resume, device, process)
     finally:
         shutdown()
+
+
+def resume_command(run_dir: Path, *overrides: str, distributed: bool = False) -> str:
+    """The command that continues the run in `run_dir`: this run's overrides (when Hydra parsed a command line),
+    replaced by `overrides` where they name the same key, with resume=auto."""
+    try:
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:  # train() called from Python: only the caller knows its overrides
+        given = ["..."]
+    replaced = {_key(o) for o in (*overrides, "resume=", "run_dir=")}
+    launcher = ["torchrun", "...", "-m"] if distributed else ["python", "-m"]
+    return shlex.join([*launcher, "ssl.pretrain", *(o for o in given if _key(o) not in replaced), *overrides,
+                       "resume=auto", f"run_dir={run_dir}"])
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def how_to_continue(run_dir: Path, *overrides: str, distributed: bool = False) -> str:
+    """What a failed run leaves and the command that continues it (or starts it again, when nothing was saved)."""
+    checkpoint = run_dir / "checkpoint.pt"
+    verb = "continue" if checkpoint.exists() else "start again"
+    return f"{kept_note(checkpoint)}; {verb} with: {resume_command(run_dir, *overrides, distributed=distributed)}"
+
+
+@contextmanager
+def reported_failures(cfg: DictConfig, run_dir: Path, process: Process) -> Iterator[None]:
+    """What ends a run from outside the code (device memory, the file system) becomes one line saying what is kept
+    and how to continue; anything else is a bug and is re-raised, after saying the same, so no work is lost
+    silently. Checkpoints are written only at the end of an epoch (or on a signal), so the last one is good."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        per_process = cfg.data.batch_size // process.world_size
+        smaller = max(1, per_process // 2) * process.world_size
+        processes = f"{process.world_size} process{'es' if process.distributed else ''}"
+        raise UserError(f"out of GPU memory with {per_process} images per process (data.batch_size="
+                        f"{cfg.data.batch_size} on {processes}): try data.batch_size={smaller}; "
+                        f"{how_to_continue(run_dir, f'data.batch_size={smaller}', distributed=process.distributed)}"
+                        ) from None
+    except OSError as error:
+        raise os_failure(error, then=how_to_continue(run_dir, distributed=process.distributed)) from None
+    except UserError:
+        raise
+    except Exception as error:
+        print(f"error: unexpected {type(error).__name__} (the traceback follows); "
+              f"{how_to_continue(run_dir, distributed=process.distributed)}", file=sys.stderr, flush=True)
+        raise
 
 
 @dataclass
@@ -261,47 +295,41 @@ def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor, label
     return out, probe_logits, probe_loss, tau
 
 
-def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: Path | None, device: torch.device,
-           process: Process) -> Path:
+def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.device, process: Process) -> Path:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     run = build_pretraining(cfg, device, process)
     dataset, method, model, optimizer, ema = run.dataset, run.method, run.model, run.optimizer, run.ema
     epochs, steps_per_epoch = cfg.trainer.epochs, run.steps_per_epoch
+    checkpoint_path = run_dir / "checkpoint.pt"
 
     # ---- state: fresh, or restored exactly (weights, optimiser, EMA step, RNG) for a bit-identical continuation
-    step = 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = state["step"]
+    step = 0 if resume is None else resume.restore(model, optimizer, ema, steps_per_epoch, device)
     forward = wrap_forward(model, cfg, device, process)
     logger = None
     if process.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         logger = RunLogger(run_dir, OmegaConf.to_container(cfg.logger), OmegaConf.to_container(cfg, resolve=True),
-                           resume=resume_path is not None)
-        if resume_path is not None:
-            logger.message(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})")
+                           resume=resume is not None)
+        if resume is not None:
+            logger.message(f"resumed from {resume.path} at step {step} (epoch {step // steps_per_epoch})")
+            for notice in resume.notices:
+                logger.message(f"notice: {notice}")
 
     def save_checkpoint(epoch_done: int) -> None:
         if not process.is_main:
             return
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "ema": ema.state_dict(), "rng": rng, "step": step, "epoch": epoch_done,
-                     "config": OmegaConf.to_container(cfg, resolve=True)}, checkpoint_path)
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                      "rng": rng, "step": step, "epoch": epoch_done, "steps_per_epoch": steps_per_epoch,
+                      "config": OmegaConf.to_container(cfg, resolve=True)}
         meta = {"input_size": cfg.data.image_size, "channels": cfg.data.channels, "mean": list(cfg.data.mean),
                 "std": list(cfg.data.std), "dataset": cfg.data.name, "num_classes": dataset.num_classes,
                 "method": cfg.method.name, "epoch": epoch_done}
-        save_export(run_dir / "teacher.pt", method.teacher.backbone, role="teacher", **meta)
-        save_export(run_dir / "student.pt", method.student.backbone, role="student", **meta)
+        # All three or none: the exports always come from the checkpoint's epoch.
+        atomic_save({checkpoint_path: checkpoint,
+                     run_dir / "teacher.pt": export_payload(method.teacher.backbone, role="teacher", **meta),
+                     run_dir / "student.pt": export_payload(method.student.backbone, role="student", **meta)})
 
     # ---- the loop
     step_on_device = torch.tensor(step, device=device)
@@ -349,7 +377,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint_path: Path, resume_path: P
                     save_checkpoint(epoch)
                     if logger is not None:
                         logger.message(f"{stop.signal_name or 'signal'}: saved {checkpoint_path} at step {step}; "
-                                       f"continue with resume=auto run_dir={run_dir}")
+                                       f"continue with: {resume_command(run_dir, distributed=process.distributed)}")
                         logger.close()
                     raise KeyboardInterrupt
 
@@ -386,6 +414,5 @@ def agree_to_stop(requested: bool, device: torch.device) -> bool:
 def check_finite(first_bad_step: torch.Tensor, checkpoint_path: Path) -> None:
     bad = int(first_bad_step.item())
     if bad >= 0:
-        kept = f"the last good {checkpoint_path} is kept" if checkpoint_path.exists() else "nothing was saved"
-        raise UserError(f"loss became non-finite at step {bad}; stopping ({kept}); "
+        raise UserError(f"loss became non-finite at step {bad}; stopping ({kept_note(checkpoint_path)}); "
                         "lower optim.lr, enable trainer.grad_clip, or check the data")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ssl
+from ssl.run_lock import LOCK_NAME
 from tests.fixtures import write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,7 @@ def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr
+    assert not (run / LOCK_NAME).exists()  # released on Ctrl-C too
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < stopped_at < 18, "the signal must arrive mid-training"
 

@@ -21,7 +21,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ssl.errors import UserError
+from ssl.errors import UserError, is_system_error, os_failure
 
 # Debian's dataset-fashion-mnist package (`make data`) installs the gzipped idx files here.
 FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -73,6 +73,8 @@ class FolderDataset:
                 f"image folder {root}: {error}; it needs one sub-folder per class holding "
                 f"{'/'.join(IMG_EXTENSIONS)} images"
             ) from None
+        except OSError as error:
+            raise os_failure(error) from None
         self.root = root
         self.paths = [path for path, _ in samples]
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
@@ -99,6 +101,8 @@ class FolderDataset:
                 image = image.convert("L" if self.channels == 1 else "RGB")
                 image = ImageOps.fit(image, (self.image_size, self.image_size), Image.Resampling.BILINEAR)
         except (OSError, UnidentifiedImageError, ValueError) as error:
+            if is_system_error(error):  # the disk or a permission, not the image
+                raise os_failure(error, path) from None
             raise UserError(f"cannot decode image {path} ({error}); delete or replace the file") from None
         return pil_to_tensor(image)
 
@@ -115,6 +119,13 @@ def _corrupt(path: Path, problem: str, fix: str) -> UserError:
     return UserError(f"{path} is corrupt ({' '.join(problem.split())}); {fix}")  # one line, whatever the cause
 
 
+def _unreadable(path: Path, error: Exception, fix: str) -> UserError:
+    """A failed read of `path`: the machine's fault (permissions, I/O) or the file's (corrupt contents)."""
+    if is_system_error(error):
+        return os_failure(error, path)
+    return _corrupt(path, f"{type(error).__name__}: {error}", fix)
+
+
 def _read_cifar_pickle(path: Path, label_key: str, fix: str) -> tuple[Tensor, Tensor]:
     try:
         with open(path, "rb") as file:
@@ -124,7 +135,7 @@ def _read_cifar_pickle(path: Path, label_key: str, fix: str) -> tuple[Tensor, Te
         labels = torch.tensor(batch[label_key], dtype=torch.int64)
         images = torch.from_numpy(data).view(-1, 3, 32, 32)
     except Exception as error:  # unpickling garbage can raise almost anything
-        raise _corrupt(path, f"{type(error).__name__}: {error}", fix) from None
+        raise _unreadable(path, error, fix) from None
     if len(images) != len(labels):
         raise _corrupt(path, f"{len(images)} images but {len(labels)} labels", fix)
     return images, labels
@@ -135,7 +146,7 @@ def _read_pickle_names(path: Path, key: str, fix: str) -> list[str]:
         with open(path, "rb") as file:
             return list(pickle.load(file, encoding="latin1")[key])
     except Exception as error:  # unpickling garbage can raise almost anything
-        raise _corrupt(path, f"{type(error).__name__}: {error}", fix) from None
+        raise _unreadable(path, error, fix) from None
 
 
 def _read_idx(path: Path, fix: str) -> Tensor:
@@ -143,8 +154,8 @@ def _read_idx(path: Path, fix: str) -> Tensor:
     when the name ends in .gz."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as error:
-        raise _corrupt(path, f"{type(error).__name__}: {error}", fix) from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError without errno
+        raise _unreadable(path, error, fix) from None
     if len(raw) < 4 or raw[0:3] != b"\x00\x00\x08":
         raise _corrupt(path, "not a uint8 idx file", fix)
     rank = raw[3]

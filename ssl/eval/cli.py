@@ -12,12 +12,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from ssl.checkpoint import atomic_write_text
 from ssl.data import BatchLoader, build_dataset
-from ssl.errors import UserError
+from ssl.errors import UserError, os_failure
 from ssl.eval.preprocess import check_channels
 from ssl.models.export import META_KEYS, load_export, random_backbone, save_export
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+ELSEWHERE = "run_dir=DIR writes the results elsewhere"
 BASELINES = ("random",)
 T = TypeVar("T")
 
@@ -72,11 +74,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def write_report(directory: Path, name: str, report: dict[str, Any]) -> Path:
-    """Write `report` as `<directory>/<name>.json` and return the path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `report` as `<directory>/<name>.json` (atomically) and return the path.
+
+    When it cannot be written the report goes to stdout before the error line: the evaluation is not lost.
+    """
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
+    text = json.dumps(report, indent=2) + "\n"
+    try:
+        return atomic_write_text(path, text)
+    except OSError as error:
+        print(text, end="", flush=True)
+        raise os_failure(error, then=f"the report is printed above; {ELSEWHERE}") from None
 
 
 def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],
@@ -99,7 +107,10 @@ def save_downstream_export(path: Path, backbone: nn.Module, meta: dict[str, Any]
     """Export a trained-further backbone in the `teacher.pt` format, keeping the source export's metadata
     except `changes` (role, dataset, extra tensors such as a head)."""
     kept = {key: meta[key] for key in META_KEYS if key not in ("backbone", "feature_dim")}
-    return save_export(path, backbone, **{**kept, **changes})
+    try:
+        return save_export(path, backbone, **{**kept, **changes})
+    except OSError as error:
+        raise os_failure(error, then=ELSEWHERE) from None
 
 
 def elapsed_since(start: float, device: torch.device) -> float:

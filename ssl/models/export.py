@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssl.checkpoint import atomic_save
-from ssl.errors import UserError
+from ssl.errors import UserError, is_system_error, os_failure
 from ssl.models.backbones import build_backbone
 
 FORMAT = "ssl-backbone"
@@ -30,14 +30,20 @@ META_KEYS = ("backbone", "feature_dim", "input_size", "channels", "mean", "std",
              "method", "role", "epoch")
 
 
-def save_export(path: str | os.PathLike, backbone: nn.Module, **meta: Any) -> Path:
-    """Write `backbone` (built by `build_backbone`, so it carries `.spec`) and `meta` (see `META_KEYS`) atomically."""
+def export_payload(backbone: nn.Module, **meta: Any) -> dict[str, Any]:
+    """The export of `backbone` (built by `build_backbone`, so it carries `.spec`) with `meta` (see `META_KEYS`)."""
     meta = {"backbone": backbone.spec, "feature_dim": backbone.feature_dim, **meta}
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise ValueError(f"export metadata lacks {missing}")
     state = {name: tensor.detach().cpu().clone() for name, tensor in backbone.state_dict().items()}
-    return atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "state_dict": state}, path)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "state_dict": state}
+
+
+def save_export(path: str | os.PathLike, backbone: nn.Module, **meta: Any) -> Path:
+    """Write the export of `backbone` and `meta` to `path` atomically (an `OSError` names `path`)."""
+    atomic_save({path: export_payload(backbone, **meta)})
+    return Path(path)
 
 
 def load_export(path: str | os.PathLike) -> dict[str, Any]:
@@ -53,6 +59,8 @@ def load_export(path: str | os.PathLike) -> dict[str, Any]:
                             "(only exports written by ssl.pretrain are read)") from None
         raise UserError(f"{path} is not a readable export (not a torch.save file)") from None
     except Exception as error:  # truncated or foreign files raise many types; name the file and the cause
+        if is_system_error(error):  # the disk or a permission, not the file
+            raise os_failure(error, path) from None
         raise UserError(f"{path} is not a readable export ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         if isinstance(payload, dict) and {"student", "teacher", "optimizer"} <= payload.keys():
