@@ -51,13 +51,18 @@ pretrain: install
 linear-eval: install
 	$(PY) -m ssl.linear_eval ckpt=$(CKPT) $(ARGS)
 
+# Pictures of an export (embedding map, retrieval grid, dense PCA, ViT attention) beside it; t-SNE needs .[viz].
+.PHONY: visualize
+visualize: install
+	$(PY) -m ssl.visualize ckpt=$(CKPT) $(ARGS)
+
 # Benchmarks print a table and write JSON under bench/ (CPU here; pass DEVICE=cuda on a GPU machine).
 DEVICE ?= cpu
 bench: install
-	$(PY) scripts/bench_ema.py --device $(DEVICE) --json bench/ema.json
-	$(PY) scripts/bench_augment.py --device $(DEVICE) --json bench/augment.json
-	$(PY) scripts/bench_pretrain.py --device $(DEVICE) --json bench/pretrain.json
-	$(PY) scripts/bench_linear_eval.py --device $(DEVICE) --json bench/linear_eval.json
+	$(PY) -m scripts.bench_ema --device $(DEVICE) --json bench/ema.json
+	$(PY) -m scripts.bench_augment --device $(DEVICE) --json bench/augment.json
+	$(PY) -m scripts.bench_pretrain --device $(DEVICE) --json bench/pretrain.json
+	$(PY) -m scripts.bench_linear_eval --device $(DEVICE) --json bench/linear_eval.json
 
 # Learning quality (about an hour on a 2-core CPU): BYOL and DINO on Fashion-MNIST against random init and a
 # supervised reference; writes bench/quality.md and bench/quality.json. Segmentation heads train 5 epochs, not

@@ -1,6 +1,6 @@
 """Images/s of the batched augmentation against torchvision.transforms.v2 on PIL images in a DataLoader.
 
-    python scripts/bench_augment.py [--data cifar10] [--augment byol_cifar] [--images 4096] [--batch-size 256]
+    python -m scripts.bench_augment [--data cifar10] [--augment byol_cifar] [--images 4096] [--batch-size 256]
                                     [--workers 2] [--device cpu cuda] [--json bench/augment.json]
 
 Both pipelines make every view of the recipe configs/augment/<augment>.yaml (sizes from configs/data/<data>.yaml)
@@ -11,28 +11,23 @@ Each pipeline runs one untimed epoch (workers start, caches warm), then one time
 images, each turned into all of the recipe's views. On CUDA the timed epoch ends with a synchronisation.
 """
 
-import sys
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-# Run as a file, Python puts scripts/ first on sys.path; the repository root must come first so that `ssl` is
-# this package (which also serves the standard library's ssl, see ssl/__init__.py).
+import torch
+from omegaconf import OmegaConf
+from PIL.Image import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from ssl.data import ViewAugmenter, ViewRecipe
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402 - after the path fix, like every import below
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from PIL.Image import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-
-from ssl.data import ViewAugmenter, ViewRecipe  # noqa: E402
 
 
 def torchvision_view(recipe: ViewRecipe, mean: list[float], std: list[float], channels: int) -> v2.Compose:

@@ -1,6 +1,6 @@
 """Wall time of the cached linear protocol against a probe that runs the frozen backbone every epoch.
 
-    python scripts/bench_linear_eval.py [--ckpt PATH/teacher.pt] [--limit 2000] [--epochs 100]
+    python -m scripts.bench_linear_eval [--ckpt PATH/teacher.pt] [--limit 2000] [--epochs 100]
                                         [--json bench/linear_eval.json] [--device auto] [--data-root data]
 
 Same export, same data (the export's dataset, first --limit images of train and of test), the probe settings of
@@ -15,28 +15,23 @@ is read from --data-root, else Debian's /usr/share/datasets/fashion-mnist. Wall 
 synchronisation at the end of each protocol.
 """
 
-import sys
+import argparse
+import json
+import platform
+import tempfile
+import time
 from pathlib import Path
 
-# Run as a file, Python puts scripts/ first on sys.path; the repository root must come first so that `ssl` is
-# this package (which also serves the standard library's ssl, see ssl/__init__.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from omegaconf import OmegaConf
 
-import argparse  # noqa: E402 - after the path fix, like every import below
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from ssl.errors import run_cli  # noqa: E402
-from ssl.eval import cli  # noqa: E402
-from ssl.eval.features import AugmentedFeatures, extract_features  # noqa: E402
-from ssl.eval.linear import LinearProbe, ProbeConfig, fit_linear_probe  # noqa: E402
-from ssl.eval.metrics import topk_accuracy  # noqa: E402
-from ssl.models import build_backbone, load_backbone, save_export  # noqa: E402
+from ssl.device import resolve_device
+from ssl.errors import run_cli
+from ssl.eval import cli
+from ssl.eval.features import AugmentedFeatures, extract_features
+from ssl.eval.linear import LinearProbe, ProbeConfig, fit_linear_probe
+from ssl.eval.metrics import topk_accuracy
+from ssl.models import build_backbone, load_backbone, save_export
 
 
 def random_export(path: Path) -> Path:
@@ -55,7 +50,7 @@ def accuracies(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor)
 
 
 def bench(args: argparse.Namespace, ckpt: Path) -> dict:
-    device = cli.resolve_device(args.device)
+    device = resolve_device(args.device)
     backbone = load_backbone(ckpt, device)
     meta = backbone.export_meta
     data = OmegaConf.load(cli.CONFIG_DIR / "data" / f"{meta['dataset']}.yaml")

@@ -1,6 +1,6 @@
 """Images/s of one BYOL / DINO pretraining step: our loop, eager and compiled, against the usual DataLoader loop.
 
-    python scripts/bench_pretrain.py [--device cpu|cuda] [--steps 30] [--warmup 5] [--batch-size 256]
+    python -m scripts.bench_pretrain [--device cpu|cuda] [--steps 30] [--warmup 5] [--batch-size 256]
                                      [--workers N] [--setups byol_ours byol_reference ...] [--json bench/pretrain.json]
                                      [--data-root DIR] [--override [METHOD:]KEY=VALUE ...]
 
@@ -26,41 +26,37 @@ to split the step into data (fetch + augment), forward + backward, optimiser and
 images (each image's views once). The table also shows the speed-up over the same method's reference loop.
 """
 
+import argparse
+import gc
+import itertools
+import json
+import os
+import pickle
+import platform
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-# Run as a file, Python puts scripts/ first on sys.path; the repository root must come first so that `ssl` is
-# this package (which also serves the standard library's ssl, see ssl/__init__.py).
+import numpy as np
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL.Image import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from scripts.bench_augment import torchvision_view
+from ssl.errors import UserError
+from ssl.train import Pretraining, build_pretraining, no_mark, train_step, wrap_forward
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402 - after the path fix, like every import below
-import gc  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import pickle  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch._dynamo  # noqa: E402 - reset between compiled set-ups
-import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from PIL.Image import Image  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-
-from scripts.bench_augment import torchvision_view  # noqa: E402 - the recipe as transforms.v2, shared
-from ssl.errors import UserError  # noqa: E402
-from ssl.train import Pretraining, build_pretraining, no_mark, train_step, wrap_forward  # noqa: E402
 
 EXPERIMENTS = {"byol": "byol_cifar", "dino": "dino_cifar_vit"}
 VARIANTS = ("ours", "reference", "compiled")
@@ -143,8 +139,7 @@ class Ours(Setup):
         self.batches = _batches(self.run)
         self.describe = {
             "data": "uint8 images resident on the device, views by ssl.data.ViewAugmenter on the device",
-            # build_pretraining's rule: bf16 autocast only on CUDA
-            "precision": "bf16 autocast" if cfg.trainer.precision == "bf16" and device.type == "cuda" else "fp32",
+            "precision": "bf16 autocast" if self.run.autocast._enabled else "fp32",  # ssl.device.autocast's rule
             "channels_last": self.run.channels_last,
             "ema": "ssl.ema (foreach lerp_)",
             "optimizer": cfg.optim.name,
@@ -236,14 +231,13 @@ class Reference(Setup):
         self.scaler.scale(out.loss + probe_loss).backward()
         mark("forward_backward")
         self.scaler.unscale_(run.optimizer)  # Lightning unscales before clipping and gradient hooks
-        if hasattr(run.method, "before_optimizer_step"):
-            run.method.before_optimizer_step(epoch)
+        run.method.before_optimizer_step(epoch)
         if run.grad_clip:
             nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], run.grad_clip)
         self.scaler.step(run.optimizer)
         self.scaler.update()
         mark("optimizer")
-        tau = run.ema.schedule(step)  # the same decay schedule as ours; only the update differs
+        tau = run.ema.decays[step]  # the same decay schedule as ours; only the update differs
         with torch.no_grad():
             for p_t, p_s in zip(self.teacher_params, self.student_params):
                 p_t.data = tau * p_t.data + (1 - tau) * p_s.data

@@ -1,6 +1,6 @@
 """Draw a run's curves (loss, lr, tau, online-probe accuracy) from RUN_DIR/metrics.jsonl into a PNG.
 
-    python scripts/plot_metrics.py runs/byol_fmnist [--out runs/byol_fmnist/metrics.png]
+    python -m scripts.plot_metrics runs/byol_fmnist [--out runs/byol_fmnist/metrics.png]
 """
 
 import argparse
@@ -8,10 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen before pyplot loads
+from matplotlib.figure import Figure  # a figure without pyplot needs no GUI backend
 
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tau", "teacher decay tau"), ("probe_acc", "online probe acc"))
 
@@ -27,7 +24,8 @@ def main() -> None:
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [r for r in records if r.get("type") != "epoch"]
     epochs = [r for r in records if r.get("type") == "epoch"]
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    figure = Figure(figsize=(4 * len(PANELS), 3.2))
+    axes = figure.subplots(1, len(PANELS))
     for axis, (key, title) in zip(axes, PANELS):
         points = [(r["step"], r[key]) for r in steps if key in r]
         if points:

@@ -25,6 +25,7 @@ from ssl.errors import UserError, is_system_error, os_failure, with_path
 
 if TYPE_CHECKING:  # exports import this module: `ssl.load_backbone` need not load the training code
     from ssl.ema import EMA
+    from ssl.train import Pretraining
 
 
 def atomic_write(writers: Mapping[str | os.PathLike, Callable[[BinaryIO], object]]) -> None:
@@ -81,7 +82,26 @@ def kept_note(checkpoint_path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Resuming
+# Saving and resuming
+
+
+def save_checkpoint(run_dir: Path, run: Pretraining, config: dict[str, Any], step: int, epoch: int,
+                    device: torch.device) -> None:
+    """RUN_DIR/checkpoint.pt (weights, optimiser, EMA, RNG and step: all a bit-identical continuation needs) and the
+    teacher and student exports of the same `epoch`: the three files are replaced together or not at all."""
+    from ssl.models.export import export_payload  # here, not above: ssl.models.export imports this module
+
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+    checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(),
+                  "rng": rng, "step": step, "epoch": epoch, "steps_per_epoch": run.steps_per_epoch, "config": config}
+    data = config["data"]
+    meta = {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
+            "std": list(data["std"]), "dataset": data["name"], "num_classes": run.dataset.num_classes,
+            "method": config["method"]["name"], "epoch": epoch}
+    atomic_save({run_dir / "checkpoint.pt": checkpoint,
+                 run_dir / "teacher.pt": export_payload(run.method.teacher.backbone, role="teacher", **meta),
+                 run_dir / "student.pt": export_payload(run.method.student.backbone, role="student", **meta)})
+
 
 # What the checkpoint's tensors (and the optimiser's state) are made of: a resumed run must keep these values.
 STRUCTURE_KEYS = ("method.name", "method.kwargs", "backbone.name", "backbone.kwargs", "data.channels",

@@ -1,89 +1,134 @@
-"""Exponential moving averages of model weights: the BYOL/DINO teacher update, an ``EMA`` helper, decay schedules.
+"""The BYOL/DINO teacher update: an exponential moving average of the student's weights, in place.
 
-``ema_model(teacher, student, decay)`` updates every floating-point parameter (and, by default, buffer) of the
-teacher in place::
+For every matched pair of tensors, teacher ``t`` and student ``s``::
 
-    teacher = decay * teacher + (1 - decay) * student
+    t = decay * t + (1 - decay) * s          (computed as t.lerp_(s, 1 - decay))
 
-computed as ``teacher.lerp_(student, 1 - decay)`` in the teacher's dtype on the teacher's device, with one
-multi-tensor kernel per (device, dtype) group. Tensors are matched by name; ``module.`` (DDP) and ``_orig_mod.``
-(``torch.compile``) wrappers are ignored on either side. The student is only read.
+in the teacher's dtype on the teacher's device. The student is only read. Which tensors:
 
-Schedules are plain functions of the 0-based update index ``step`` (keyword parameters bound by
-``build_schedule``); ``EMA`` counts the steps and applies ``schedule(step)`` at each ``update``.
+- parameters: every floating-point (or complex) one is averaged; any other is copied exactly;
+- buffers, by the ``buffers`` policy (``BUFFER_POLICIES``): ``"average"``: floating-point ones averaged like the
+  parameters; ``"copy"``: the student's copied; ``"keep"``: left alone. Integer buffers (``num_batches_tracked``)
+  are copied exactly under ``"average"`` and ``"copy"``, left alone under ``"keep"``.
+
+Tensors are matched by name; ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) wrappers are ignored on either
+side, and a tensor tied under two names counts once. Matched tensors are grouped by (averaged or copied, device,
+dtype) and each group is one multi-tensor kernel, ``torch._foreach_lerp_`` or ``torch._foreach_copy_``.
+
+Two ways in, like timm's ``ModelEmaV3`` and DINO's loop:
+
+- ``ema_model(teacher, student, decay)`` matches and groups on every call (nothing is cached);
+- ``EMA(teacher, student, decays)`` matches once, keeps the groups and applies ``decays[step]`` at each
+  ``update()``. The decays are an array precomputed per step, like the lr and weight decay:
+  ``ssl.optim.cosine_schedule(base, end, total_steps, final_at_last_step=True)`` is BYOL's (and DINO's) teacher
+  momentum, ``end - (end - base) * (cos(pi * k / K) + 1) / 2`` at step k with K = total_steps - 1.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "BUFFER_POLICIES",
-    "EMA",
-    "SCHEDULES",
-    "build_schedule",
-    "byol_cosine",
-    "constant",
-    "ema_model",
-    "power_warmup",
-    "running_mean",
-    "tf_warmup",
-]
+__all__ = ["BUFFER_POLICIES", "EMA", "ema_model"]
 
 BUFFER_POLICIES = ("average", "copy", "keep")
-"""What ``ema_model`` does with the teacher's floating-point buffers (BatchNorm running statistics, ...):
-``"average"`` them like parameters (as an update over the whole ``state_dict`` does), ``"copy"`` the student's, or
-``"keep"`` the teacher's own (as in the original BYOL and DINO code). Integer buffers (``num_batches_tracked``) are
-copied exactly under ``"average"`` and ``"copy"`` and left alone under ``"keep"``."""
+"""What happens to the teacher's buffers (BatchNorm running statistics, ...): ``"average"`` the floating-point ones
+like parameters (as an update over the whole ``state_dict`` does), ``"copy"`` the student's, or ``"keep"`` the
+teacher's own (as in the original BYOL and DINO code). Integer buffers are copied exactly under ``"average"`` and
+``"copy"`` and left alone under ``"keep"``."""
 
 _WRAPPER_NAMES = ("module", "_orig_mod")  # DistributedDataParallel / DataParallel, torch.compile's OptimizedModule
 _NAMES_SHOWN = 5
-
-
-# --------------------------------------------------------------------------------------------- the update
 
 
 @torch.no_grad()
 def ema_model(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "average") -> None:
     """Move ``teacher`` towards ``student`` in place: ``teacher = decay * teacher + (1 - decay) * student``.
 
-    Touched tensors: every floating-point (or complex) parameter of the teacher, and its buffers according to
-    ``buffers`` (see ``BUFFER_POLICIES``); a non-floating tensor is copied exactly instead of averaged. The
-    student is never modified. ``decay`` must be a Python number in [0, 1]: 1 leaves the averaged tensors as
-    they are, 0 copies the student.
+    Touches the teacher's parameters and, per ``buffers``, its buffers (see the module docstring); never the
+    student. ``decay`` must be a Python number in [0, 1]: 1 leaves the averaged tensors as they are, 0 copies the
+    student.
 
-    Teacher and student must have the same tensor names (after dropping ``module.``/``_orig_mod.`` wrappers)
-    and shapes. Dtypes and devices may differ: the student is converted to the teacher's dtype and device first,
-    so a float32 teacher accumulates a bfloat16 student in float32, and a CPU teacher can follow a GPU student
-    (one device-to-host copy per call, which necessarily waits for the GPU). Otherwise nothing synchronises.
+    Teacher and student must have the same tensor names (after dropping ``module.``/``_orig_mod.`` wrappers) and
+    shapes, and must not share memory. Dtypes and devices may differ: each group of student tensors is converted to
+    the teacher's dtype and device in one flat transfer, so a float32 teacher accumulates a bfloat16 student in
+    float32, and a CPU teacher can follow a GPU student (one device-to-host copy per group, which waits for the GPU).
+    Otherwise nothing synchronises.
 
-    The matching and grouping work is cached per (teacher, student) pair, held weakly. Every call checks the
-    cache against the names in all parameter, buffer and submodule tables of both modules, the identities of
-    their tensors and the data pointers of the matched ones (about 0.6 us per submodule: 0.25 ms for a pair of
-    ResNet-50s, against 9 ms for the update on two CPU cores), so replacing a parameter or submodule, registering
-    a tensor, or ``.to()``/``.half()``/``.data = ...`` all rebuild it. Not detected: re-viewing a tensor's own
-    storage (``p.data = p.data.view(...)``), which keeps both the object and the data pointer; don't.
+    Matching and grouping are redone on every call (a walk over both modules' names); ``EMA`` does them once.
     """
-    teacher, student = _check_modules(teacher, student)
-    _check_policy(buffers)
-    weight = 1.0 - _check_decay(decay)
-    for group in _plan(teacher, student, buffers).groups:
-        source = group.source()
-        if group.average:
-            torch._foreach_lerp_(group.teacher, source, weight)
-        else:
-            torch._foreach_copy_(group.teacher, source)
+    groups = _groups(teacher, student, buffers)
+    _apply(groups, 1.0 - _check_decay(decay))
+
+
+class EMA:
+    """A teacher that follows a student with precomputed per-step decays; it owns the matched tensor groups.
+
+    ``EMA(teacher, student, decays, buffers)`` matches the two modules once (the same checks and tensors as
+    ``ema_model``); each ``update()`` then applies ``decays[step]`` to those tensors with one multi-tensor kernel per
+    group, advances ``step`` and returns the decay. ``step`` counts the updates done: the k-th ``update()`` (from 0)
+    applies ``decays[k]``, and an update past the end of ``decays`` raises ``IndexError``.
+
+    The groups hold the tensors themselves, not the modules: after replacing the student (or any parameter, buffer
+    or submodule of either module), or moving or converting either with ``.to()``/``.half()``, call
+    ``rebind(student)``. Loading weights in place (``load_state_dict``, ``copy_``) needs nothing.
+
+    Typical use (``ssl.train``)::
+
+        decays = cosine_schedule(0.996, 1.0, total_steps, final_at_last_step=True).tolist()
+        ema = EMA(method.teacher, method.student, decays, buffers="keep")
+        for batch in loader:
+            train_step(...)
+            tau = ema.update()
+
+    ``state_dict()`` is ``{"step": step}``; the teacher's weights belong to (and are checkpointed with) its owner.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        decays: Sequence[float] | Tensor,
+        buffers: str = "average",
+    ) -> None:
+        _check_policy(buffers)
+        self.teacher = teacher
+        self.buffers = buffers
+        self.decays: list[float] = _check_decays(decays)
+        self.step = 0
+        self._groups: list[_Group] = []
+        self.rebind(student)
+
+    def rebind(self, student: nn.Module) -> None:
+        """Match the teacher against ``student`` again and keep the new groups (the step is unchanged)."""
+        self._groups = _groups(self.teacher, student, self.buffers)
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """Apply ``decays[step]`` to the teacher, advance ``step`` and return that decay."""
+        if self.step >= len(self.decays):
+            raise IndexError(f"EMA update {self.step} is past the end of its {len(self.decays)} decays")
+        decay = self.decays[self.step]
+        _apply(self._groups, 1.0 - decay)
+        self.step += 1
+        return decay
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": step}``: the decays come from the config, the teacher's weights from its owner."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the step saved by ``state_dict()``."""
+        self.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------- groups
 
 
 @dataclass(frozen=True)
@@ -105,74 +150,30 @@ class _Group:
         return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in self.teacher]), self.teacher)]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    policy: str
-    structure: list[tuple]  # _structure(teacher) + _structure(student) when built
-    tensors: tuple[Tensor, ...]  # every matched tensor; holding them keeps their ids unique while cached
-    data_ptrs: tuple[int, ...]
-    groups: tuple[_Group, ...]
+def _apply(groups: list[_Group], weight: float) -> None:
+    for group in groups:
+        if group.average:
+            torch._foreach_lerp_(group.teacher, group.source(), weight)
+        else:
+            torch._foreach_copy_(group.teacher, group.source())
 
 
-_PLANS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[nn.Module, _Plan]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _plan(teacher: nn.Module, student: nn.Module, policy: str) -> _Plan:
-    by_student = _PLANS.get(teacher)
-    if by_student is None:
-        by_student = _PLANS[teacher] = weakref.WeakKeyDictionary()
-    structure = _structure(teacher) + _structure(student)
-    plan = by_student.get(student)
-    # Equal structures mean the plan's tensors are still the modules' tensors under the same names (their ids
-    # cannot be reused: the plan keeps them alive); equal data pointers mean no .to()/.data changed their
-    # storage, dtype or device.
-    if (
-        plan is None
-        or plan.policy != policy
-        or plan.structure != structure
-        or plan.data_ptrs != tuple(t.data_ptr() for t in plan.tensors)
-    ):
-        plan = _build_plan(teacher, student, policy, structure)
-        by_student[student] = plan
-    return plan
-
-
-def _structure(module: nn.Module) -> list[tuple]:
-    """Per submodule, the names in its parameter, buffer and child tables and the ids of its tensors, in a fixed
-    order: equal results mean the same name -> tensor object mapping. About 0.6 us per submodule."""
-    out = []
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        if m is None:  # an optional child left unset (ResNet's downsample=None)
-            continue
-        params, buffers, children = m._parameters, m._buffers, m._modules
-        out.append((*params, *map(id, params.values()), *buffers, *map(id, buffers.values()), *children))
-        stack += children.values()
-    return out
-
-
-def _build_plan(teacher: nn.Module, student: nn.Module, policy: str, structure: list[tuple]) -> _Plan:
+def _groups(teacher: nn.Module, student: nn.Module, policy: str) -> list[_Group]:
+    teacher, student = _check_modules(teacher, student)
+    _check_policy(policy)
     grouped: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-    for _, t, s, average in _match(teacher, student, policy):
-        key = (average, t.device, t.dtype, s.device, s.dtype)
-        ts, ss = grouped.setdefault(key, ([], []))
+    for t, s, average in _match(teacher, student, policy):
+        ts, ss = grouped.setdefault((average, t.device, t.dtype, s.device, s.dtype), ([], []))
         ts.append(t)
         ss.append(s)
-    groups = tuple(
+    return [
         _Group(average, ts, ss, convert=(t_device, t_dtype) != (s_device, s_dtype))
         for (average, t_device, t_dtype, s_device, s_dtype), (ts, ss) in grouped.items()
-    )
-    tensors = tuple(x for g in groups for x in (*g.teacher, *g.student))
-    return _Plan(policy, structure, tensors, tuple(x.data_ptr() for x in tensors), groups)
+    ]
 
 
-def _match(
-    teacher: nn.Module, student: nn.Module, policy: str, roles: tuple[str, str] = ("teacher", "student")
-) -> list[tuple[str, Tensor, Tensor, bool]]:
-    """``(name, teacher tensor, student tensor, average)`` for every tensor the policy touches, in teacher order;
+def _match(teacher: nn.Module, student: nn.Module, policy: str) -> list[tuple[Tensor, Tensor, bool]]:
+    """``(teacher tensor, student tensor, average)`` for every tensor the policy touches, in teacher order;
     ``average`` is False for tensors that are copied. Raises if names, shapes or memory don't fit."""
     with_buffers = policy != "keep"
     t_named = _named_tensors(teacher, with_buffers)
@@ -181,22 +182,18 @@ def _match(
         missing = [n for n in t_named if n not in s_named]
         unexpected = [n for n in s_named if n not in t_named]
         raise ValueError(
-            f"{roles[0]} and {roles[1]} have different tensor names: "
-            f"missing from the {roles[1]}: {_first(missing)}; unexpected in the {roles[1]}: {_first(unexpected)}"
+            "teacher and student have different tensor names: "
+            f"missing from the student: {_first(missing)}; unexpected in the student: {_first(unexpected)}"
         )
     matched = []
     for name, (t, is_buffer) in t_named.items():
         s = s_named[name][0]
         if t.shape != s.shape:
-            raise ValueError(
-                f"shape mismatch for {name!r}: {roles[0]} {tuple(t.shape)}, {roles[1]} {tuple(s.shape)}"
-            )
+            raise ValueError(f"shape mismatch for {name!r}: teacher {tuple(t.shape)}, student {tuple(s.shape)}")
         if t.device == s.device and t.data_ptr() == s.data_ptr() and t.numel():
-            raise ValueError(
-                f"{roles[0]} and {roles[1]} share the memory of {name!r}; the {roles[0]} must be a separate copy"
-            )
+            raise ValueError(f"teacher and student share the memory of {name!r}; the teacher must be a separate copy")
         floating = t.is_floating_point() or t.is_complex()
-        matched.append((name, t, s, floating and (not is_buffer or policy == "average")))
+        matched.append((t, s, floating and (not is_buffer or policy == "average")))
     return matched
 
 
@@ -210,6 +207,8 @@ def _named_tensors(module: nn.Module, with_buffers: bool) -> dict[str, tuple[Ten
 
 def _clean(name: str) -> str:
     # A compiled submodule (model.backbone = torch.compile(backbone)) puts _orig_mod inside the path.
+    if "_orig_mod" not in name:
+        return name
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
@@ -227,6 +226,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
             break
         module = child
     return module
+
+
+# --------------------------------------------------------------------------------------------- checks
 
 
 def _check_modules(teacher: Any, student: Any) -> tuple[nn.Module, nn.Module]:
@@ -257,168 +259,15 @@ def _check_decay(decay: Any) -> float:
     return decay
 
 
-# --------------------------------------------------------------------------------------------- schedules
-
-
-def constant(step: int, *, decay: float) -> float:
-    """``decay`` at every step."""
-    return decay
-
-
-def byol_cosine(step: int, *, base: float, end: float = 1.0, last_step: int) -> float:
-    """BYOL: ``end - (end - base) * (cos(pi * k / K) + 1) / 2`` with ``k = step``, ``K = last_step``: ``base`` at
-    step 0 rising to ``end`` at step ``K`` and after it (also when ``K`` is 0)."""
-    if step >= last_step:
-        return end
-    return end - (end - base) * (math.cos(math.pi * step / last_step) + 1.0) / 2.0
-
-
-def tf_warmup(step: int, *, decay: float) -> float:
-    """TensorFlow's ``ExponentialMovingAverage(num_updates=n)``: ``min(decay, (1 + n) / (10 + n))``, 0.1 at step 0."""
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
-def power_warmup(step: int, *, gamma: float = 1.0, power: float = 2 / 3, min_value: float = 0.0) -> float:
-    """``max(min_value, 1 - (1 + n / gamma) ** -power)``: 0 (so ``min_value``) at step 0, tending to 1; with
-    gamma 1, power 2/3 it reaches 0.999 after about 31 600 steps (power 3/4: about 10 000)."""
-    return max(min_value, 1.0 - (1.0 + step / gamma) ** -power)
-
-
-def running_mean(step: int) -> float:
-    """``n / (n + 1)``: after n updates the average holds the mean of the n student snapshots, equally weighted
-    (step 0 copies the first one)."""
-    return step / (step + 1.0)
-
-
-SCHEDULES: dict[str, Callable[..., float]] = {
-    "constant": constant,
-    "byol_cosine": byol_cosine,
-    "tf_warmup": tf_warmup,
-    "power_warmup": power_warmup,
-    "running_mean": running_mean,
-}
-
-
-def build_schedule(name: str, total_steps: int, **kwargs: float) -> Callable[[int], float]:
-    """The schedule ``name`` as a function of the step, for a run of ``total_steps`` optimiser steps.
-
-    ``kwargs`` are the schedule's keyword parameters (``decay=``, ``base=``, ...). ``byol_cosine`` ends at the
-    last step, ``total_steps - 1``; the others don't depend on the run length.
-    """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown EMA schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-    if name == "byol_cosine":
-        kwargs = {"last_step": total_steps - 1, **kwargs}
-    schedule = partial(SCHEDULES[name], **kwargs)
-    schedule(0)  # wrong keyword arguments fail here, not at the first update
-    return schedule
-
-
-# --------------------------------------------------------------------------------------------- the helper
-
-
-class EMA:
-    """A moving average that owns its decay schedule and step count.
-
-    ``EMA(teacher, schedule)`` averages into ``teacher`` in place (the BYOL/DINO teacher, which its method owns
-    and checkpoints); ``EMA.from_model(model, schedule)`` averages into a private copy of ``model``. ``schedule``
-    is a decay or a function of the step (``build_schedule``); step k is the (k+1)-th ``update``.
-
-    Typical use::
-
-        ema = EMA.from_model(model, build_schedule("byol_cosine", total_steps, base=0.996), device="cpu")
-        for batch in loader:
-            train_step(model, batch)
-            ema.update(model)
-        with ema.swapped_into(model):
-            evaluate(model)
-    """
-
-    def __init__(
-        self, teacher: nn.Module, schedule: float | Callable[[int], float], buffers: str = "average"
-    ) -> None:
-        if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-        _check_policy(buffers)
-        if isinstance(schedule, numbers.Real):
-            schedule = partial(constant, decay=_check_decay(schedule))
-        elif not callable(schedule):
-            raise TypeError(f"schedule must be a decay or a function of the step, got {type(schedule).__name__}")
-        self.module = teacher
-        self.schedule = schedule
-        self.buffers = buffers
-        self.step = 0
-        self._owns_module = False
-
-    @classmethod
-    def from_model(
-        cls,
-        model: nn.Module,
-        schedule: float | Callable[[int], float],
-        device: torch.device | str | None = None,
-        buffers: str = "average",
-    ) -> EMA:
-        """An EMA of ``model`` in a deep copy of it (wrappers removed; on ``device`` if given, e.g. ``"cpu"`` to
-        keep the average off the GPU), with ``requires_grad`` off. Its weights are part of ``state_dict()``."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = _unwrap(model)
-        # Seeding deepcopy's memo with the copied tensors puts them straight on `device`: no transient second
-        # copy on the model's (GPU) device.
-        memo: dict[int, Any] = {}
-        for t in (*model.parameters(), *model.buffers()):
-            data = t.detach().to(device if device is not None else t.device, copy=True)
-            memo[id(t)] = nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
-        ema = cls(copy.deepcopy(model, memo), schedule, buffers)
-        ema._owns_module = True
-        return ema
-
-    @property
-    def decay(self) -> float:
-        """The decay the next ``update`` applies."""
-        return _check_decay(self.schedule(self.step))
-
-    def update(self, student: nn.Module) -> float:
-        """Average ``student`` in with the current decay, advance the step and return that decay."""
-        decay = self.decay
-        ema_model(self.module, student, decay, self.buffers)
-        self.step += 1
-        return decay
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"step": ...}``, plus ``"module"`` (the averaged weights) when the EMA made its own copy."""
-        state: dict[str, Any] = {"step": self.step}
-        if self._owns_module:
-            state["module"] = self.module.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the step (and the averaged weights) saved by ``state_dict()``; the schedule comes from the
-        constructor, as in a fresh run."""
-        if self._owns_module != ("module" in state):
-            raise ValueError(
-                "EMA state does not fit: a state with averaged weights comes from EMA.from_model and loads only "
-                "into one (EMA(teacher, ...) leaves checkpointing the teacher to its owner)"
-            )
-        if "module" in state:
-            self.module.load_state_dict(state["module"])
-        self.step = int(state["step"])
-
-    @contextmanager
-    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Copy the averaged parameters and buffers into ``model`` for the body, then restore ``model``'s own,
-        also when the body raises. Yields ``model``."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        matched = _match(_unwrap(self.module), _unwrap(model), "copy", roles=("EMA", "model"))
-        targets = [m for _, _, m, _ in matched]
-        originals = [m.detach().clone() for m in targets]
-        with torch.no_grad():
-            torch._foreach_copy_(targets, [a for _, a, _, _ in matched])
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(targets, originals)
+def _check_decays(decays: Any) -> list[float]:
+    """The per-step decays as Python floats (indexing them never touches a device), all checked at once."""
+    if isinstance(decays, (str, bytes, numbers.Number)):
+        raise TypeError(f"decays must be a sequence of per-step decays, got {type(decays).__name__}")
+    values = torch.as_tensor(decays, dtype=torch.float64, device="cpu")
+    if values.ndim != 1 or not len(values):
+        raise ValueError(f"decays must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+    bad = ~(torch.isfinite(values) & (values >= 0) & (values <= 1))
+    if bad.any():
+        step = int(bad.nonzero()[0])
+        raise ValueError(f"decays must be finite numbers in [0, 1], got {values[step].item()} at step {step}")
+    return values.tolist()

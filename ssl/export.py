@@ -13,16 +13,13 @@ from omegaconf import DictConfig
 
 from ssl.errors import run_cli
 from ssl.eval import cli
-from ssl.models.export import load_backbone
 from ssl.models.formats import writer
 
 
 def export(cfg: DictConfig) -> list[Path]:
     """Write `cfg.ckpt` in format `cfg.format`; returns the files written (the converted model, then its JSON)."""
-    ckpt = cli.checkpoint(cfg)
     write = writer(cfg.format)
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
+    ckpt, _, backbone = cli.load_ckpt(cfg)
     directory = Path(cfg.out) if cfg.out else ckpt.parent
     directory.mkdir(parents=True, exist_ok=True)
     paths = write(backbone, ckpt, directory)

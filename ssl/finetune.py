@@ -21,7 +21,6 @@ from ssl.errors import run_cli
 from ssl.eval import cli
 from ssl.eval.finetuning import Classifier, predict, train_classifier
 from ssl.eval.metrics import topk_accuracy
-from ssl.models.export import load_backbone
 
 
 def finetune_backbone(backbone: nn.Module, cfg: DictConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -48,10 +47,8 @@ def summary_scores(result: dict[str, Any]) -> dict[str, float]:
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune the export `cfg.ckpt` on `cfg.data`; returns the report also written to finetune.json."""
-    ckpt = cli.checkpoint(cfg)
     baseline = cli.baseline_kind(cfg)
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
+    ckpt, device, backbone = cli.load_ckpt(cfg)
     meta = backbone.export_meta
     cli.require_data(cfg)
     train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
@@ -73,10 +70,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         **result, "train": OmegaConf.to_container(cfg.train), "export": str(export),
         "baseline": cli.baseline_report(baseline, cfg.seed, random_result),
     }
-    path = cli.write_report(out_dir, "finetune", report)
-    print(f"wrote {path} and {export}")
-    print(cli.summary_line(summary_scores, result, random_result, baseline))
-    return report
+    return cli.finish(out_dir, "finetune", report, cli.summary_line(summary_scores, result, random_result, baseline),
+                      export)
 
 
 @hydra.main(config_path="../configs", config_name="finetune", version_base=None)

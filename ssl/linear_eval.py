@@ -27,7 +27,6 @@ from ssl.eval.features import AugmentedFeatures, extract_features
 from ssl.eval.knn import knn_votes
 from ssl.eval.linear import ProbeConfig, fit_linear_probe
 from ssl.eval.metrics import topk_accuracy
-from ssl.models.export import load_backbone
 
 PROTOCOLS = ("cached", "augmented")
 
@@ -72,13 +71,11 @@ def summary_scores(result: dict[str, Any], ks: list[int]) -> dict[str, float]:
 
 def linear_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the export `cfg.ckpt` on `cfg.data`; returns the report also written to linear_eval.json."""
-    ckpt = cli.checkpoint(cfg)
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol={cfg.protocol}; choose one of: {', '.join(PROTOCOLS)}")
     baseline = cli.baseline_kind(cfg)
     config = ProbeConfig(**OmegaConf.to_container(cfg.linear), seed=cfg.seed)
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
+    ckpt, device, backbone = cli.load_ckpt(cfg)
     meta = backbone.export_meta
     cli.require_data(cfg)
     train_images, train_labels, classes = cli.load_split(cfg.data, "train_split", meta, device)
@@ -94,10 +91,8 @@ def linear_eval(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.name, "num_train": len(train_labels), "num_test": len(test_labels),
         "protocol": cfg.protocol, **result, "baseline": cli.baseline_report(baseline, cfg.seed, random_result),
     }
-    path = cli.write_report(cli.results_dir(cfg, ckpt, "linear_eval"), "linear_eval", report)
-    print(f"wrote {path}")
-    print(cli.summary_line(functools.partial(summary_scores, ks=list(cfg.knn.ks)), result, random_result, baseline))
-    return report
+    summary = cli.summary_line(functools.partial(summary_scores, ks=list(cfg.knn.ks)), result, random_result, baseline)
+    return cli.finish(cli.results_dir(cfg, ckpt, "linear_eval"), "linear_eval", report, summary)
 
 
 @hydra.main(config_path="../configs", config_name="linear_eval", version_base=None)

@@ -30,16 +30,21 @@ def param_groups(
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> torch.Tensor:
+                    warmup_start: float = 0.0, final_at_last_step: bool = False) -> torch.Tensor:
     """Per-step values: linear warm-up from `warmup_start` to `base`, then cosine from `base` to `final`.
 
-    A warm-up longer than the run is cut short (a 1-epoch smoke run of a recipe with 10 warm-up epochs).
+    Over the n = total_steps - warmup_steps cosine steps k = 0 .. n-1 the value is
+    `final + (base - final) * (1 + cos(pi * k / K)) / 2`. K = n by default (DINO's `cosine_scheduler`, used for lr
+    and wd: the last step stays just short of `final`); `final_at_last_step=True` takes K = n - 1, so the last step
+    is exactly `final` (BYOL's teacher momentum, `end - (end - base) * (cos(pi * k / K) + 1) / 2`; a single step is
+    `final`). A warm-up longer than the run is cut short (a 1-epoch smoke run of a recipe with 10 warm-up epochs).
     """
     warmup_steps = min(warmup_steps, total_steps)
     warmup = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[1:]
     steps = torch.arange(total_steps - warmup_steps, dtype=torch.float64)
-    decay_steps = max(total_steps - warmup_steps, 1)
-    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * steps / decay_steps))
+    span = len(steps) - 1 if final_at_last_step else len(steps)
+    angle = math.pi * steps / span if span > 0 else torch.full_like(steps, math.pi)
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(angle))
     return torch.cat([warmup, cosine])[:total_steps]
 
 

@@ -24,7 +24,6 @@ from ssl.eval.mosaic import build_mosaics
 from ssl.eval.preprocess import check_channels
 from ssl.eval.seg_data import SegmentationSet, load_folder, load_voc
 from ssl.eval.segmentation import Segmenter, evaluate_segmenter, train_segmenter
-from ssl.models.export import load_backbone
 
 SEG_DATA = ("fmnist_mosaic", "voc", "folder")
 
@@ -86,10 +85,8 @@ def summary_scores(result: dict[str, Any]) -> dict[str, float]:
 
 def segment(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate a segmentation head on the export `cfg.ckpt`; returns the report in segment.json."""
-    ckpt = cli.checkpoint(cfg)
     baseline = cli.baseline_kind(cfg)
-    device = cli.resolve_device(cfg.device)
-    backbone = load_backbone(ckpt, device)
+    ckpt, device, backbone = cli.load_ckpt(cfg)
     meta = backbone.export_meta
     train_set, test_set = segmentation_sets(cfg, meta, device)
 
@@ -107,10 +104,8 @@ def segment(cfg: DictConfig) -> dict[str, Any]:
         "num_train": len(train_set.images), "num_test": len(test_set.images), **result, "export": str(export),
         "baseline": cli.baseline_report(baseline, cfg.seed, random_result),
     }
-    path = cli.write_report(out_dir, "segment", report)
-    print(f"wrote {path} and {export}")
-    print(cli.summary_line(summary_scores, result, random_result, baseline))
-    return report
+    return cli.finish(out_dir, "segment", report, cli.summary_line(summary_scores, result, random_result, baseline),
+                      export)
 
 
 @hydra.main(config_path="../configs", config_name="segment", version_base=None)

@@ -4,9 +4,9 @@ One step: a uint8 batch already on the device -> views (batched augmentation, sa
 -> method forward (student, teacher, loss) and the online linear probe on detached teacher features
 -> backward -> the method's hook (DINO: last-layer freeze, clipping) -> optimiser step -> EMA teacher update.
 
-Learning rate and weight decay are arrays precomputed for every step, as in DINO; the teacher's decay
-schedule lives in `ssl.ema.EMA`. Numbers stay on the device between log points: the host reads them once
-every `trainer.log_every` steps, so the step itself never waits for the GPU.
+Learning rate, weight decay and the teacher's momentum are arrays precomputed for every step from one cosine
+(`ssl.optim.cosine_schedule`), as in DINO; `ssl.ema.EMA` applies the momentum. Numbers stay on the device between
+log points: the host reads them once every `trainer.log_every` steps, so the step itself never waits for the GPU.
 
 Under torchrun every process runs this same loop on its shard of each global batch. DDP synchronises the
 gradients of everything trained (student, predictor, probe); the teacher has no gradients, so DDP leaves it
@@ -38,28 +38,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl.checkpoint import Resume, atomic_save, atomic_write_text, kept_note, resume_state
+from ssl.checkpoint import Resume, atomic_write_text, kept_note, resume_state, save_checkpoint
 from ssl.data import BatchLoader, ViewAugmenter, build_dataset
+from ssl.device import autocast, resolve_device
 from ssl.distributed import Process, all_reduce_mean, convert_sync_batchnorm, init_process, shutdown
-from ssl.ema import EMA, build_schedule
+from ssl.ema import EMA
 from ssl.errors import UserError, os_failure
 from ssl.loggers import RunLogger
-from ssl.methods import MethodOutput, build_method
+from ssl.methods import build_method
 from ssl.models import build_backbone
-from ssl.models.export import export_payload
 from ssl.optim import build_optimizer, cosine_schedule, param_groups
 from ssl.run_lock import run_lock
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; choose one of: auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -72,10 +61,10 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.optim.lr > 0, f"optim.lr must be > 0 (got {cfg.optim.lr})"),
         (cfg.data.limit is None or cfg.data.limit > 0, f"data.limit must be > 0 or null (got {cfg.data.limit})"),
     ]
-    for key, value in cfg.method.ema.schedule_kwargs.items():
-        if isinstance(value, (int, float)) and key not in ("gamma", "power"):
-            checks.append((0.0 <= value <= 1.0 and math.isfinite(value),
-                           f"method.ema.schedule_kwargs.{key} is a decay and must lie in [0, 1] (got {value})"))
+    for key in ("base", "end"):
+        value = cfg.method.ema[key]
+        checks.append((isinstance(value, (int, float)) and 0.0 <= value <= 1.0 and math.isfinite(value),
+                       f"method.ema.{key} is a decay and must lie in [0, 1] (got {value})"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -117,6 +106,8 @@ def train(cfg: DictConfig) -> Path:
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
+    if device.index is not None:  # cuda:N: the current device, which the run uses (torchrun: the local rank's)
+        torch.cuda.set_device(device)
     process = init_process(device.type)
     try:
         # Rank 0 alone writes run_dir, so it alone holds the lock (which also creates run_dir).
@@ -237,13 +228,13 @@ def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | 
                    "wd_scale": 0.0, "lars_exclude": True})
     optimizer = build_optimizer(cfg.optim.name, groups, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                 **OmegaConf.to_container(cfg.optim.kwargs, resolve=True))
-    ema_schedule = build_schedule(cfg.method.ema.schedule, total_steps,
-                                  **OmegaConf.to_container(cfg.method.ema.schedule_kwargs, resolve=True))
-    ema = EMA(method.teacher, ema_schedule, buffers=cfg.method.ema.buffers)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=cfg.trainer.precision == "bf16" and device.type == "cuda")
+    # the teacher's momentum: the same cosine, from base to exactly end at the last step (BYOL's schedule)
+    ema_decays = cosine_schedule(cfg.method.ema.base, cfg.method.ema.end, total_steps,
+                                 final_at_last_step=True).tolist()
+    ema = EMA(method.teacher, method.student, ema_decays, buffers=cfg.method.ema.buffers)
     return Pretraining(dataset, loader, augmenter, method, model, optimizer, ema, lr_schedule, wd_schedule,
-                       steps_per_epoch, channels_last, autocast, cfg.trainer.grad_clip)
+                       steps_per_epoch, channels_last, autocast(device, cfg.trainer.precision == "bf16"),
+                       cfg.trainer.grad_clip)
 
 
 def wrap_forward(model: OnlineProbe, cfg: DictConfig, device: torch.device, process: Process | None = None
@@ -265,8 +256,8 @@ def no_mark(phase: str) -> None:
 
 def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                indices: torch.Tensor, epoch: int, step: int,
-               mark: Callable[[str], None] = no_mark) -> tuple[MethodOutput, torch.Tensor, torch.Tensor, float]:
-    """One optimiser step; returns the method output, probe logits, probe loss and the EMA decay applied.
+               mark: Callable[[str], None] = no_mark) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimiser step; returns what to log of it (0-dim tensors, left on the device) and the EMA decay applied.
 
     `mark(phase)` is called as each phase ends ("augment", "forward_backward", "optimizer", "ema").
     """
@@ -282,80 +273,42 @@ def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor, label
     probe_loss = F.cross_entropy(probe_logits.float(), labels, ignore_index=-1)
     run.optimizer.zero_grad(set_to_none=True)
     (out.loss + probe_loss).backward()
+    labelled = labels >= 0
+    values = {"loss": out.loss.detach().float(), "probe_loss": probe_loss.detach(),
+              "probe_acc": ((probe_logits.argmax(1) == labels) & labelled).sum() / labelled.sum().clamp(min=1),
+              **{key: value.float() for key, value in out.logs.items()}}
     mark("forward_backward")
-    if hasattr(run.method, "before_optimizer_step"):
-        run.method.before_optimizer_step(epoch)
+    run.method.before_optimizer_step(epoch)
     if run.grad_clip:
         trained = [p for group in run.optimizer.param_groups for p in group["params"]]
         nn.utils.clip_grad_norm_(trained, run.grad_clip)
     run.optimizer.step()
     mark("optimizer")
-    tau = run.ema.update(run.method.student)
+    tau = run.ema.update()
     mark("ema")
-    return out, probe_logits, probe_loss, tau
+    return values, tau
 
 
 def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.device, process: Process) -> Path:
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     run = build_pretraining(cfg, device, process)
-    dataset, method, model, optimizer, ema = run.dataset, run.method, run.model, run.optimizer, run.ema
-    epochs, steps_per_epoch = cfg.trainer.epochs, run.steps_per_epoch
-    checkpoint_path = run_dir / "checkpoint.pt"
-
-    # ---- state: fresh, or restored exactly (weights, optimiser, EMA step, RNG) for a bit-identical continuation
-    step = 0 if resume is None else resume.restore(model, optimizer, ema, steps_per_epoch, device)
-    forward = wrap_forward(model, cfg, device, process)
-    logger = None
-    if process.is_main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        logger = RunLogger(run_dir, OmegaConf.to_container(cfg.logger), OmegaConf.to_container(cfg, resolve=True),
-                           resume=resume is not None)
-        if resume is not None:
-            logger.message(f"resumed from {resume.path} at step {step} (epoch {step // steps_per_epoch})")
-            for notice in resume.notices:
-                logger.message(f"notice: {notice}")
-
-    def save_checkpoint(epoch_done: int) -> None:
-        if not process.is_main:
-            return
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                      "rng": rng, "step": step, "epoch": epoch_done, "steps_per_epoch": steps_per_epoch,
-                      "config": OmegaConf.to_container(cfg, resolve=True)}
-        meta = {"input_size": cfg.data.image_size, "channels": cfg.data.channels, "mean": list(cfg.data.mean),
-                "std": list(cfg.data.std), "dataset": cfg.data.name, "num_classes": dataset.num_classes,
-                "method": cfg.method.name, "epoch": epoch_done}
-        # All three or none: the exports always come from the checkpoint's epoch.
-        atomic_save({checkpoint_path: checkpoint,
-                     run_dir / "teacher.pt": export_payload(method.teacher.backbone, role="teacher", **meta),
-                     run_dir / "student.pt": export_payload(method.student.backbone, role="student", **meta)})
-
-    # ---- the loop
-    step_on_device = torch.tensor(step, device=device)
-    first_bad_step = torch.tensor(-1, device=device)
-    log_sums: dict[str, torch.Tensor] = {}
-    epoch_sums: dict[str, torch.Tensor] = {}
-    images_since_log, last_log_step, clock = 0, step, time.perf_counter()
+    epochs, steps_per_epoch, config = cfg.trainer.epochs, run.steps_per_epoch, OmegaConf.to_container(cfg, resolve=True)
+    # fresh, or restored exactly (weights, optimiser, EMA step, RNG) for a bit-identical continuation
+    step = 0 if resume is None else resume.restore(run.model, run.optimizer, run.ema, steps_per_epoch, device)
+    forward = wrap_forward(run.model, cfg, device, process)
+    logger = start_logger(cfg, run_dir, resume, step, steps_per_epoch) if process.is_main else None
+    loss_watch, log_means, epoch_means = LossWatch(step, device), RunningMeans(), RunningMeans()
+    images_since_log, clock = 0, time.perf_counter()
     with StopOnSignal() as stop:
         for epoch in range(step // steps_per_epoch, epochs):
-            method.train()
+            run.method.train()
             batches = itertools.islice(run.loader.epoch(epoch), step - epoch * steps_per_epoch, None)
             for images, labels, indices in batches:
-                out, probe_logits, probe_loss, tau = train_step(run, forward, images, labels, indices, epoch, step)
-
-                # bookkeeping on the device: no host synchronisation here
-                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss), step_on_device,
-                                             first_bad_step)
-                step_on_device += 1
-                labelled = labels >= 0
-                probe_correct = ((probe_logits.argmax(1) == labels) & labelled).sum()
-                values = {"loss": out.loss.detach().float(), "probe_loss": probe_loss.detach(),
-                          "probe_acc": probe_correct / labelled.sum().clamp(min=1),
-                          **{key: value.float() for key, value in out.logs.items()}}
-                for sums in (log_sums, epoch_sums):
-                    for key, value in values.items():
-                        sums[key] = sums[key] + value if key in sums else value.clone()
+                values, tau = train_step(run, forward, images, labels, indices, epoch, step)
+                loss_watch.add(values["loss"])
+                log_means.add(values)
+                epoch_means.add(values)
                 step += 1
                 images_since_log += images.shape[0]
 
@@ -363,56 +316,90 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
                 stopping = stop.signal_name is not None and not process.distributed
                 if step % cfg.trainer.log_every == 0 or stopping:
                     stopping = agree_to_stop(stop.signal_name is not None, device) if process.distributed else stopping
-                    check_finite(first_bad_step, checkpoint_path)
-                    means = mean_over_processes(log_sums, step - last_log_step)
-                    elapsed = time.perf_counter() - clock
+                    loss_watch.check(run_dir)
+                    means = log_means.means()
+                    images_per_s = images_since_log * process.world_size / (time.perf_counter() - clock)
                     record = {**means, "step": step, "epoch": epoch, "lr": run.lr_schedule[step - 1], "tau": tau,
-                              "images_per_s": images_since_log * process.world_size / elapsed}
-                    if logger is not None:
+                              "images_per_s": images_per_s}
+                    if process.is_main:  # rank 0 alone logs and writes files
                         logger.log(record)
                         logger.progress(epoch, epochs, step - epoch * steps_per_epoch, steps_per_epoch,
                                         {k: record[k] for k in ("loss", "probe_acc", "lr", "tau", "images_per_s")})
-                    log_sums, images_since_log, last_log_step, clock = {}, 0, step, time.perf_counter()
+                    images_since_log, clock = 0, time.perf_counter()
                 if stopping:
-                    save_checkpoint(epoch)
-                    if logger is not None:
-                        logger.message(f"{stop.signal_name or 'signal'}: saved {checkpoint_path} at step {step}; "
-                                       f"continue with: {resume_command(run_dir, distributed=process.distributed)}")
+                    if process.is_main:
+                        save_checkpoint(run_dir, run, config, step, epoch, device)
+                        logger.message(f"{stop.signal_name or 'signal'}: saved {run_dir / 'checkpoint.pt'} at step "
+                                       f"{step}; continue with: "
+                                       f"{resume_command(run_dir, distributed=process.distributed)}")
                         logger.close()
                     raise KeyboardInterrupt
 
-            check_finite(first_bad_step, checkpoint_path)
-            record = mean_over_processes(epoch_sums, steps_per_epoch)
-            epoch_sums = {}
-            save_checkpoint(epoch + 1)
-            if logger is not None:
+            loss_watch.check(run_dir)
+            record = epoch_means.means()
+            if process.is_main:
+                save_checkpoint(run_dir, run, config, step, epoch + 1, device)
                 logger.log({"step": step, "epoch": epoch + 1, "type": "epoch", **record})
                 logger.message(f"epoch {epoch + 1}/{epochs}: loss={record['loss']:.4f} "
                                f"probe_acc={record['probe_acc']:.4f}")
 
-    teacher_path = run_dir / "teacher.pt"
-    if logger is not None:
+    if process.is_main:
         logger.close()
-        print(f"teacher backbone: {teacher_path}\nlinear evaluation: python -m ssl.linear_eval ckpt={teacher_path}")
-    return teacher_path
+        print(f"teacher backbone: {run_dir / 'teacher.pt'}\n"
+              f"linear evaluation: python -m ssl.linear_eval ckpt={run_dir / 'teacher.pt'}")
+    return run_dir / "teacher.pt"
 
 
-def mean_over_processes(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-    """Per-step means of the accumulated values, averaged over processes: one host read for all of them."""
-    if not sums:
-        return {}
-    means = all_reduce_mean(torch.stack(list(sums.values())) / count).tolist()
-    return dict(zip(sums, means))
+def start_logger(cfg: DictConfig, run_dir: Path, resume: Resume | None, step: int, steps_per_epoch: int) -> RunLogger:
+    """Rank 0's logger, once the run's config.yaml is written; a resumed run says where it goes on and what changed."""
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    logger = RunLogger(run_dir, OmegaConf.to_container(cfg.logger), OmegaConf.to_container(cfg, resolve=True),
+                       resume=resume is not None)
+    if resume is not None:
+        logger.message(f"resumed from {resume.path} at step {step} (epoch {step // steps_per_epoch})")
+        for notice in resume.notices:
+            logger.message(f"notice: {notice}")
+    return logger
+
+
+class RunningMeans:
+    """Per-step means of logged values (0-dim tensors), summed on the device: the host reads them only in `means`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The means since the last call, averaged over processes (one host read for all of them); starts anew."""
+        sums, count, self.sums, self.count = self.sums, self.count, {}, 0
+        if not sums:
+            return {}
+        return dict(zip(sums, all_reduce_mean(torch.stack(list(sums.values())) / count).tolist()))
+
+
+class LossWatch:
+    """The first step whose loss is not finite, kept on the device; `check` reads it and stops the run there."""
+
+    def __init__(self, step: int, device: torch.device) -> None:
+        self.step, self.first_bad = torch.tensor(step, device=device), torch.tensor(-1, device=device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.step, self.first_bad)
+        self.step += 1
+
+    def check(self, run_dir: Path) -> None:
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise UserError(f"loss became non-finite at step {bad}; stopping ({kept_note(run_dir / 'checkpoint.pt')}); "
+                            "lower optim.lr, enable trainer.grad_clip, or check the data")
 
 
 def agree_to_stop(requested: bool, device: torch.device) -> bool:
     """True on every rank when any rank received SIGINT/SIGTERM (so all stop at the same step)."""
     flag = torch.tensor(float(requested), device=device)
     return bool(all_reduce_mean(flag).item() > 0)
-
-
-def check_finite(first_bad_step: torch.Tensor, checkpoint_path: Path) -> None:
-    bad = int(first_bad_step.item())
-    if bad >= 0:
-        raise UserError(f"loss became non-finite at step {bad}; stopping ({kept_note(checkpoint_path)}); "
-                        "lower optim.lr, enable trainer.grad_clip, or check the data")

@@ -20,7 +20,7 @@ def test_tiny_cpu_run_writes_one_record_per_setup(tmp_path):
     # Cheaper models, one override per method: the ResNet's usual stem (an 8x8 map after it), 8 px ViT patches.
     smaller = ["--override", "byol:backbone.kwargs.stem=imagenet", "--override", "dino:backbone.kwargs.patch_size=8"]
     result = subprocess.run(
-        [sys.executable, "scripts/bench_pretrain.py", *TINY, "--workers", "1", "--setups", *setups, *smaller,
+        [sys.executable, "-m", "scripts.bench_pretrain", *TINY, "--workers", "1", "--setups", *setups, *smaller,
          "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import ssl
-from ssl.ema import EMA, build_schedule, ema_model
+from ssl.ema import EMA, ema_model
 from ssl.errors import UserError
 from ssl.methods import build_method
 from ssl.methods.dino import (
@@ -216,7 +216,8 @@ def train_heads_on_clusters(optimizer: str, lr: float, weight_decay: float, opti
     opt = build_optimizer(optimizer, param_groups(method.student.named_parameters()), lr=lr,
                           weight_decay=weight_decay, **(optimizer_kwargs or {}))
     lrs = cosine_schedule(lr, 0.0, steps, warmup_steps=steps // 10).tolist()
-    ema = EMA(method.teacher, build_schedule("byol_cosine", steps, base=ema_base, end=1.0), buffers="keep")
+    ema = EMA(method.teacher, method.student, cosine_schedule(ema_base, 1.0, steps, final_at_last_step=True),
+              buffers="keep")
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lrs[step]
@@ -227,7 +228,7 @@ def train_heads_on_clusters(optimizer: str, lr: float, weight_decay: float, opti
         out.loss.backward()
         method.before_optimizer_step(epoch=0)
         opt.step()
-        ema.update(method.student)
+        ema.update()
     return {key: value.item() for key, value in out.logs.items()}
 
 
@@ -305,4 +306,5 @@ def test_short_fmnist_run_lowers_the_loss_and_exports_a_backbone_linear_eval_rea
                         "linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.epochs=5", "knn.ks=[5]")
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "linear_eval_teacher" / "linear_eval.json").read_text())
-    assert report["method"] == "dino" and 0 <= report["linear"]["top1"] <= 100
+    # Chance is 10%; the class is the bright square's position, which these features separate (100% at seeds 0-3).
+    assert report["method"] == "dino" and report["linear"]["top1"] >= 80

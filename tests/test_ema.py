@@ -1,25 +1,15 @@
-"""ssl.ema: the in-place EMA update, its cache, the EMA helper and the decay schedules (hand-computed values)."""
+"""ssl.ema: the in-place EMA update (hand-computed values), the EMA class that owns its tensor groups, and the
+teacher momentum from ssl.optim.cosine_schedule (equal to BYOL's cosine)."""
 
 import copy
-import gc
 import math
-import weakref
 
 import pytest
 import torch
 from torch import nn
 
-import ssl.ema as ema_module
-from ssl.ema import (
-    EMA,
-    build_schedule,
-    byol_cosine,
-    constant,
-    ema_model,
-    power_warmup,
-    running_mean,
-    tf_warmup,
-)
+from ssl.ema import EMA, ema_model
+from ssl.optim import cosine_schedule
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -81,13 +71,13 @@ def test_agrees_with_tensorflow_form():
         torch.testing.assert_close(v, shadow[k])
 
 
-def test_equal_weight_schedule_gives_mean_of_snapshots():
+def test_equal_weight_decays_give_mean_of_snapshots():
     teacher, student = linear(123.0), linear(0.0)
-    ema = EMA(teacher, running_mean)
     snapshots = [1.0, 2.0, 4.0, 9.0]
+    ema = EMA(teacher, student, [n / (n + 1) for n in range(len(snapshots))])  # step 0 copies the first one
     for value in snapshots:
         filled(student, value)
-        ema.update(student)
+        ema.update()
     assert torch.allclose(teacher.weight, torch.full((3, 3), sum(snapshots) / len(snapshots)))
 
 
@@ -253,198 +243,138 @@ def test_unknown_buffer_policy():
     with pytest.raises(ValueError, match="unknown buffer policy 'ignore'; expected one of average, copy, keep"):
         ema_model(linear(1.0), linear(2.0), 0.5, buffers="ignore")
     with pytest.raises(ValueError, match="unknown buffer policy"):
-        EMA(linear(1.0), 0.5, buffers="ignore")
+        EMA(linear(1.0), linear(2.0), [0.5], buffers="ignore")
 
 
-# --------------------------------------------------------------------------------------------- the cache
+# --------------------------------------------------------------------------------------------- the EMA class
 
 
-def test_plan_is_reused(monkeypatch):
-    builds = []
-    build = ema_module._build_plan
-    monkeypatch.setattr(ema_module, "_build_plan", lambda *args: builds.append(1) or build(*args))
-    teacher, student = bn_model(1.0, 1), bn_model(2.0, 2)
-    for _ in range(3):
-        ema_model(teacher, student, 0.5)
-    assert len(builds) == 1
-    ema_model(teacher, student, 0.5, buffers="keep")  # another policy, another plan
-    assert len(builds) == 2
-
-
-def test_replaced_teacher_parameter_is_updated():
-    teacher, student = linear(1.0), linear(2.0)
-    ema_model(teacher, student, 0.5)
-    old = teacher.weight
-    teacher.weight = nn.Parameter(torch.full((3, 3), 10.0))
-    ema_model(teacher, student, 0.5)
-    assert torch.equal(teacher.weight, torch.full((3, 3), 6.0))
-    assert torch.equal(old, torch.full((3, 3), 1.5))
-
-
-def test_replaced_student_parameter_and_submodule_are_followed():
-    teacher, student = nn.Sequential(linear(1.0), linear(1.0)), nn.Sequential(linear(2.0), linear(2.0))
-    ema_model(teacher, student, 0.5)
-    student[0].weight = nn.Parameter(torch.full((3, 3), 5.5))
-    teacher[1] = linear(0.0)
-    ema_model(teacher, student, 0.5)
-    assert torch.equal(teacher[0].weight, torch.full((3, 3), 3.5))
-    assert torch.equal(teacher[1].weight, torch.full((3, 3), 1.0))
-
-
-def test_teacher_converted_in_place_after_first_call():
-    teacher, student = linear(1.0), linear(2.0)
-    ema_model(teacher, student, 0.5)
-    weight = teacher.weight
-    teacher.double()  # same Parameter object, new float64 storage
-    assert teacher.weight is weight
-    ema_model(teacher, student, 0.5)
-    assert torch.equal(teacher.weight, torch.full((3, 3), 1.75, dtype=torch.float64))
-
-
-def test_cache_does_not_keep_modules_alive():
-    teacher, student = linear(1.0), linear(2.0)
-    ema_model(teacher, student, 0.5)
-    refs = weakref.ref(teacher), weakref.ref(student)
-    del teacher, student
-    gc.collect()
-    assert refs[0]() is None and refs[1]() is None
-
-
-# --------------------------------------------------------------------------------------------- the EMA helper
-
-
-def test_ema_update_follows_the_schedule():
-    teacher = linear(0.0)
-    ema = EMA(teacher, lambda step: [0.5, 0.75][step])
-    assert ema.decay == 0.5
-    assert ema.update(linear(4.0)) == 0.5
-    assert (ema.step, ema.decay) == (1, 0.75)
-    assert ema.update(linear(6.0)) == 0.75
+def test_update_applies_the_decays_in_order():
+    teacher, student = linear(0.0), linear(4.0)
+    ema = EMA(teacher, student, [0.5, 0.75])
+    assert ema.step == 0
+    assert ema.update() == 0.5
+    assert torch.equal(teacher.weight, torch.full((3, 3), 2.0))
+    filled(student, 6.0)  # in place: the groups see it
+    assert ema.update() == 0.75
     assert torch.equal(teacher.weight, torch.full((3, 3), 0.75 * 2.0 + 0.25 * 6.0))
     assert ema.step == 2
+    with pytest.raises(IndexError, match="EMA update 2 is past the end of its 2 decays"):
+        ema.update()
 
 
-def test_ema_checks_decays_and_types():
-    with pytest.raises(ValueError, match="decay must be"):
-        EMA(linear(1.0), 1.5)
-    with pytest.raises(ValueError, match="decay must be"):
-        _ = EMA(linear(1.0), lambda step: 2.0).decay
-    with pytest.raises(TypeError, match="schedule must be a decay or a function of the step"):
-        EMA(linear(1.0), "0.9")
+def test_ema_owns_its_groups_and_rebinds_to_a_new_student():
+    teacher, student = bn_model(0.0, 1), bn_model(4.0, 9)
+    ema = EMA(teacher, student, [0.5] * 3, buffers="average")
+    ema.update()  # no student argument: the groups were matched at construction
+    assert torch.equal(teacher[0].weight, torch.full((2, 2), 2.0))
+    assert torch.equal(teacher[1].running_mean, torch.full((2,), 2.0))
+    assert teacher[1].num_batches_tracked.item() == 9
+
+    new_student = Wrapper(bn_model(10.0, 20), "module")
+    ema.update()  # still the old student
+    assert torch.equal(teacher[0].weight, torch.full((2, 2), 3.0))
+    ema.rebind(new_student)
+    assert ema.step == 2
+    ema.update()
+    assert torch.equal(teacher[0].weight, torch.full((2, 2), 6.5))
+    assert torch.equal(teacher[1].running_var, torch.full((2,), 6.5))
+    assert teacher[1].num_batches_tracked.item() == 20
+    assert torch.equal(student[0].weight, torch.full((2, 2), 4.0))  # the old student was only read
+
+
+def test_ema_takes_a_tensor_of_decays_and_checks_them():
+    teacher, student = linear(0.0), linear(4.0)
+    ema = EMA(teacher, student, torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert ema.decays == [0.5, 0.25] and all(type(d) is float for d in ema.decays)
+    with pytest.raises(ValueError, match=r"decays must be finite numbers in \[0, 1\], got 1.5 at step 1"):
+        EMA(teacher, student, [0.9, 1.5])
+    with pytest.raises(ValueError, match=r"decays must be finite numbers in \[0, 1\], got nan at step 0"):
+        EMA(teacher, student, [math.nan])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        EMA(teacher, student, [])
+    with pytest.raises(TypeError, match="decays must be a sequence of per-step decays, got float"):
+        EMA(teacher, student, 0.9)
+
+
+def test_ema_construction_checks_the_modules():
     with pytest.raises(TypeError, match="teacher must be a torch.nn.Module"):
-        EMA(None, 0.9)
+        EMA(None, linear(1.0), [0.9])
+    with pytest.raises(ValueError, match=r"shape mismatch for 'weight'"):
+        EMA(linear(1.0), nn.Linear(2, 3, bias=False), [0.9])
+    model = linear(1.0)
+    with pytest.raises(ValueError, match="teacher and student are the same module"):
+        EMA(model, model, [0.9])
+    ema = EMA(model, linear(2.0), [0.9])
+    with pytest.raises(ValueError, match="different tensor names"):
+        ema.rebind(nn.Linear(3, 3))
 
 
-def test_from_model_copies_without_grad_and_unwraps():
-    model = bn_model(2.0, 5)
-    ema = EMA.from_model(Wrapper(model, "module"), 0.5, device="cpu")
-    assert ema.module is not model and isinstance(ema.module, nn.Sequential)
-    assert all(not p.requires_grad for p in ema.module.parameters())
-    assert all(isinstance(p, nn.Parameter) for p in ema.module.parameters())
-    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(ema.module.parameters(), model.parameters()))
-    filled(model, 4.0)
-    ema.update(model)
-    assert torch.equal(ema.module[0].weight, torch.full((2, 2), 3.0))
-    assert model[0].weight.requires_grad
+def test_ema_converts_dtype_like_ema_model():
+    teacher = linear(1.0)
+    student = linear(1.0 + 2**-7).to(torch.bfloat16)
+    EMA(teacher, student, [0.999]).update()
+    torch.testing.assert_close(teacher.weight, torch.full((3, 3), 1 + 0.001 * 2**-7), rtol=0, atol=1e-7)
 
 
-def test_state_dict_round_trip_keeps_step_and_weights():
-    model = linear(2.0)
-    ema = EMA.from_model(model, running_mean)
-    for value in (2.0, 4.0, 6.0):
-        ema.update(filled(model, value))
-    state = ema.state_dict()
-    resumed = EMA.from_model(linear(0.0), running_mean)
-    resumed.load_state_dict(state)
-    assert resumed.step == 3 and resumed.decay == 0.75
-    assert torch.equal(resumed.module.weight, torch.full((3, 3), 4.0))
+def test_ema_update_equals_ema_model():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    student(torch.randn(8, 4))  # moves the running statistics
+    teacher_a = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    teacher_b = copy.deepcopy(teacher_a)
+    for policy in ("average", "copy", "keep"):
+        ema = EMA(teacher_a, student, [0.9, 0.6], buffers=policy)
+        for decay in ema.decays:
+            ema.update()
+            ema_model(teacher_b, student, decay, buffers=policy)
+        for (name, a), b in zip(teacher_a.state_dict().items(), teacher_b.state_dict().values()):
+            assert torch.equal(a, b), (policy, name)
 
-    teacher_only = EMA(linear(1.0), 0.9)
-    teacher_only.step = 11
-    assert teacher_only.state_dict() == {"step": 11}
-    fresh = EMA(linear(1.0), 0.9)
-    fresh.load_state_dict({"step": 11})
-    assert fresh.step == 11
-    with pytest.raises(ValueError, match="EMA state does not fit"):
-        fresh.load_state_dict(state)
+
+def test_state_dict_keeps_the_step():
+    ema = EMA(linear(1.0), linear(2.0), [0.9] * 20)
+    for _ in range(3):
+        ema.update()
+    assert ema.state_dict() == {"step": 3}
+    resumed = EMA(linear(1.0), linear(2.0), [0.9] * 20)
+    resumed.load_state_dict({"step": 11})  # what checkpoints written before this API hold, too
+    assert resumed.step == 11 and resumed.state_dict() == {"step": 11}
 
 
 @cuda
-def test_from_model_on_cpu_follows_cuda_model():
-    model = linear(2.0).cuda()
-    ema = EMA.from_model(model, 0.5, device="cpu")
-    assert ema.module.weight.device.type == "cpu"
-    ema.update(filled(model, 4.0))
-    assert torch.equal(ema.module.weight, torch.full((3, 3), 3.0))
+def test_ema_cpu_teacher_follows_cuda_student():
+    teacher, student = bn_model(1.0, 1), bn_model(2.0, 2**40 + 3).cuda()
+    EMA(teacher, student, [0.5]).update()
+    assert torch.equal(teacher[0].weight, torch.full((2, 2), 1.5))
+    assert teacher[1].num_batches_tracked.item() == 2**40 + 3
 
 
-def test_swapped_into_restores_the_model():
-    model = bn_model(2.0, 5)
-    ema = EMA.from_model(model, 0.5)
-    filled(ema.module, 7.0)
-    with ema.swapped_into(model) as swapped:
-        assert swapped is model
-        assert torch.equal(model[0].weight, torch.full((2, 2), 7.0))
-        assert torch.equal(model[1].running_var, torch.full((2,), 7.0))
-    assert torch.equal(model[0].weight, torch.full((2, 2), 2.0))
-    assert torch.equal(model[1].running_var, torch.full((2,), 2.0))
-    assert model[0].weight.requires_grad
-
-    with pytest.raises(RuntimeError, match="evaluation failed"), ema.swapped_into(model):
-        raise RuntimeError("evaluation failed")
-    assert torch.equal(model[0].weight, torch.full((2, 2), 2.0))
+# --------------------------------------------------------------------------------------------- the momentum
 
 
-# --------------------------------------------------------------------------------------------- schedules
+def byol_cosine(step: int, base: float, end: float, last_step: int) -> float:
+    """The schedule ssl.ema had before the momentum became a cosine_schedule array (BYOL's)."""
+    if step >= last_step:
+        return end
+    return end - (end - base) * (math.cos(math.pi * step / last_step) + 1.0) / 2.0
 
 
-def test_constant():
-    assert constant(0, decay=0.99) == constant(10**6, decay=0.99) == 0.99
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 11, 100, 3907])
+@pytest.mark.parametrize(("base", "end"), [(0.996, 1.0), (0.99, 1.0), (0.9995, 1.0), (0.5, 0.9)])
+def test_momentum_array_equals_byol_cosine(total_steps, base, end):
+    decays = cosine_schedule(base, end, total_steps, final_at_last_step=True).tolist()
+    expected = [byol_cosine(k, base, end, total_steps - 1) for k in range(total_steps)]
+    assert decays == pytest.approx(expected, rel=0, abs=1e-15)
+    assert decays[-1] == end  # exactly end at the last step (K = 0: the only step)
 
 
-def test_byol_cosine():
-    assert byol_cosine(0, base=0.996, last_step=100) == 0.996
-    assert byol_cosine(50, base=0.996, last_step=100) == pytest.approx(0.998)  # cos(pi / 2) = 0
-    assert byol_cosine(25, base=0.99, end=1.0, last_step=100) == pytest.approx(1 - 0.01 * (1 + 0.5**0.5) / 2)
-    assert byol_cosine(100, base=0.996, last_step=100) == 1.0
-    assert byol_cosine(150, base=0.996, last_step=100) == 1.0
-    assert byol_cosine(0, base=0.996, last_step=0) == 1.0
-
-
-def test_tf_warmup():
-    assert tf_warmup(0, decay=0.999) == pytest.approx(0.1)
-    assert tf_warmup(10, decay=0.999) == pytest.approx(11 / 20)
-    assert tf_warmup(10**6, decay=0.999) == 0.999
-
-
-def test_power_warmup():
-    assert power_warmup(0, gamma=1.0, power=1.0) == 0.0
-    assert power_warmup(1, gamma=1.0, power=1.0) == 0.5
-    assert power_warmup(3, gamma=1.0, power=1.0) == 0.75
-    assert power_warmup(6, gamma=2.0, power=2.0) == pytest.approx(1 - 1 / 16)
-    assert power_warmup(0, min_value=0.9) == 0.9
-    assert power_warmup(10**6) == pytest.approx(1 - 1e-4, rel=1e-6)  # default power 2/3: (10**6) ** -(2/3)
-
-
-def test_running_mean():
-    assert [running_mean(n) for n in range(4)] == [0.0, 0.5, 2 / 3, 0.75]
-
-
-def test_build_schedule():
-    cosine = build_schedule("byol_cosine", 11, base=0.99)
-    assert cosine(0) == 0.99 and cosine(5) == pytest.approx(0.995) and cosine(10) == 1.0  # ends at the last step
-    assert build_schedule("constant", 5, decay=0.9)(3) == 0.9
-    assert build_schedule("tf_warmup", 5, decay=0.9)(0) == pytest.approx(0.1)
-    assert build_schedule("power_warmup", 5, min_value=0.5)(0) == 0.5
-    assert build_schedule("running_mean", 5)(1) == 0.5
-
-
-def test_build_schedule_bad_input():
-    with pytest.raises(ValueError, match="unknown EMA schedule 'cosine'; expected one of constant, byol_cosine"):
-        build_schedule("cosine", 10)
-    with pytest.raises(TypeError, match="unexpected keyword argument"):
-        build_schedule("constant", 10, decay=0.9, base=0.5)
-    with pytest.raises(TypeError, match="decay"):
-        build_schedule("constant", 10)
-    with pytest.raises(ValueError, match="total_steps must be a positive integer"):
-        build_schedule("running_mean", 0)
+def test_momentum_hand_computed_values():
+    decays = cosine_schedule(0.996, 1.0, 101, final_at_last_step=True).tolist()
+    assert decays[0] == pytest.approx(0.996, abs=1e-15)
+    assert decays[50] == pytest.approx(0.998, abs=1e-15)  # cos(pi / 2) = 0
+    assert decays[25] == pytest.approx(1 - 0.004 * (1 + 0.5**0.5) / 2, abs=1e-15)
+    assert decays[100] == 1.0
+    assert cosine_schedule(0.99, 1.0, 1, final_at_last_step=True).tolist() == [1.0]
+    # The lr/wd form (DINO's cosine_scheduler) stops one step short of final.
+    assert cosine_schedule(0.996, 1.0, 101).tolist()[100] < 1.0

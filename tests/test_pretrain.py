@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.epochs=0", "trainer.epochs must be > 0"),
-    ("method.ema.schedule_kwargs.base=1.5", "must lie in [0, 1]"),
+    ("method.ema.base=1.5", "method.ema.base is a decay and must lie in [0, 1]"),
     ("data.batch_size=512", "larger than the 96 images"),
     ("device=cuda" if not torch.cuda.is_available() else "device=tpu", "device"),
 ])

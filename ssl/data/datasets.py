@@ -106,9 +106,6 @@ class FolderDataset:
             raise UserError(f"cannot decode image {path} ({error}); delete or replace the file") from None
         return pil_to_tensor(image)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.decode(index), int(self.labels[index])
-
 
 # ---------------------------------------------------------------------------------------------------------
 # On-disk formats. Each reader returns (images uint8 (N, C, H, W), labels int64 (N,)) and raises UserError

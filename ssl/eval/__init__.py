@@ -8,10 +8,10 @@
 | `linear.py` | L-BFGS logistic regression, weight decay chosen on held-out data; SGD heads (augmented protocol) |
 | `knn.py` | weighted kNN votes on L2-normalised features (DINO) |
 | `metrics.py` | top-k accuracy; `ConfusionMatrix` -> mIoU, pixel accuracy, per-class IoU |
-| `training.py` | AdamW with a separate backbone lr on warm-up + cosine (fine-tuning, segmentation) |
+| `training.py` | the fine-tuning and segmentation loop: AdamW, a separate backbone lr, warm-up + cosine |
 | `finetuning.py` | backbone + linear head trained end to end |
 | `segmentation.py` | linear / FCN heads on `forward_dense`, `Segmenter`, its training and evaluation |
 | `seg_data.py` | `SegmentationSet`; Pascal VOC 2012 and image/mask folders |
 | `mosaic.py` | the offline Fashion-MNIST 2x2 mosaic segmentation set |
-| `cli.py` | what the entry points share: ckpt, default data from the export, device, run dir, reports |
+| `cli.py` | what the entry points share: ckpt and device, default data from the export, run dir, reports |
 """

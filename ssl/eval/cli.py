@@ -1,4 +1,4 @@
-"""What the downstream entry points share: the checkpoint, its default data config, the device, the report, and the
+"""What the downstream entry points share: the export and the device, its default data config, the report, and the
 `baseline=random` comparison (the same evaluation of a randomly initialised backbone, printed beside every score)."""
 
 import json
@@ -14,9 +14,10 @@ from torch import nn
 
 from ssl.checkpoint import atomic_write_text
 from ssl.data import BatchLoader, build_dataset
+from ssl.device import resolve_device
 from ssl.errors import UserError, os_failure
 from ssl.eval.preprocess import check_channels
-from ssl.models.export import META_KEYS, load_export, random_backbone, save_export
+from ssl.models.export import META_KEYS, load_backbone, load_export, random_backbone, save_export
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 ELSEWHERE = "run_dir=DIR writes the results elsewhere"
@@ -51,6 +52,14 @@ def checkpoint(cfg: DictConfig) -> Path:
     return Path(cfg.ckpt)
 
 
+def load_ckpt(cfg: DictConfig) -> tuple[Path, torch.device, nn.Module]:
+    """The export `ckpt=` names, the device `device=` names, and the export's backbone on it (in eval mode; its
+    metadata in `backbone.export_meta`)."""
+    ckpt = checkpoint(cfg)
+    device = resolve_device(cfg.device)
+    return ckpt, device, load_backbone(ckpt, device)
+
+
 def require_data(cfg: DictConfig) -> None:
     """The `data` group must be chosen (by `data=...` or, on the command line, by the export's dataset)."""
     if cfg.get("data") is None:
@@ -60,17 +69,6 @@ def require_data(cfg: DictConfig) -> None:
 def results_dir(cfg: DictConfig, ckpt: Path, tool: str) -> Path:
     """`run_dir=` if given, else `<ckpt dir>/<tool>_<ckpt stem>/`: results stay beside the model they describe."""
     return Path(cfg.run_dir) if cfg.get("run_dir") else ckpt.parent / f"{tool}_{ckpt.stem}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; `cuda` without a GPU is a user error, not a crash."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def write_report(directory: Path, name: str, report: dict[str, Any]) -> Path:
@@ -85,6 +83,14 @@ def write_report(directory: Path, name: str, report: dict[str, Any]) -> Path:
     except OSError as error:
         print(text, end="", flush=True)
         raise os_failure(error, then=f"the report is printed above; {ELSEWHERE}") from None
+
+
+def finish(directory: Path, name: str, report: dict[str, Any], summary: str, *written: Path) -> dict[str, Any]:
+    """Write `report` (`write_report`), name every file the run wrote and print its summary line; returns `report`."""
+    path = write_report(directory, name, report)
+    print("wrote " + " and ".join(str(p) for p in (path, *written)))
+    print(summary)
+    return report
 
 
 def load_split(data_cfg: DictConfig, split: str, meta: dict[str, Any],

@@ -5,12 +5,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl.device import autocast
 from ssl.eval.preprocess import eval_inputs, random_crop_flip
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    # bfloat16 on CUDA for speed; the features are returned in float32 for the classifiers.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.inference_mode()
@@ -29,7 +25,7 @@ def extract_features(
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):  # bfloat16 on CUDA; float32 features for the classifiers
             chunks.append(backbone(eval_inputs(batch, meta)).float())
     return torch.cat(chunks)
 
@@ -48,5 +44,5 @@ class AugmentedFeatures:
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         views = random_crop_flip(self.images[indices], self.padding, self.generator)
-        with torch.no_grad(), _autocast(self.images.device):
+        with torch.no_grad(), autocast(self.images.device):
             return self.backbone(eval_inputs(views, self.meta)).float()

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl.device import autocast
 from ssl.eval.preprocess import eval_inputs, random_crop_flip
-from ssl.eval.training import HeadAndBackboneAdamW
+from ssl.eval.training import train_head_and_backbone
 
 
 class Classifier(nn.Module):
@@ -25,7 +26,7 @@ class Classifier(nn.Module):
         self.meta = meta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        with autocast(images.device):
             features = self.backbone(eval_inputs(images, self.meta))
         return self.head(features.float())
 
@@ -33,28 +34,13 @@ class Classifier(nn.Module):
 def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epochs: int,
                      batch_size: int, lr: float, backbone_lr: float, weight_decay: float, warmup_epochs: int,
                      padding: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Cross-entropy on random crop + flip views; images (uint8) and labels on the model's device.
+    """Cross-entropy on random crop + flip views; images (uint8) and labels on the model's device. Returns the mean
+    training loss of every epoch (`ssl.eval.training.train_head_and_backbone`)."""
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(random_crop_flip(images[batch], padding, generator)), labels[batch])
 
-    Returns the mean training loss of every epoch (read from the device once per epoch, then passed to
-    `on_epoch(epoch, loss)` when given, epochs counted from 1).
-    """
-    steps_per_epoch = -(-len(images) // batch_size)
-    optimizer = HeadAndBackboneAdamW(model.head, model.backbone, lr, backbone_lr, weight_decay,
-                                     epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
-    generator = torch.Generator(images.device).manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in range(epochs):
-        total = torch.zeros((), device=images.device)
-        for batch in torch.randperm(len(images), device=images.device, generator=generator).split(batch_size):
-            loss = F.cross_entropy(model(random_crop_flip(images[batch], padding, generator)), labels[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(batch)
-        losses.append(total.item() / len(images))
-        if on_epoch:
-            on_epoch(len(losses), losses[-1])
-    return losses
+    return train_head_and_backbone(model, len(images), batch_loss, epochs, batch_size, lr, backbone_lr, weight_decay,
+                                   seed, warmup_epochs, on_epoch)
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from torch import nn
 
 from ssl.errors import UserError
 from ssl.eval.metrics import topk_accuracy
+from ssl.optim import cosine_schedule
 
 # Rows per chunk of the full-batch loss: keeps the (rows, classes) temporaries near 16 MB for any class count.
 CHUNK_ELEMENTS = 1 << 22
@@ -48,11 +49,6 @@ class LinearProbe(nn.Module):
         # Zero init: the problem is convex, so the start only has to be the same for every head and every run.
         self.weight = nn.Parameter(torch.zeros(dim, num_heads, num_classes, device=feature_mean.device))
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes, device=feature_mean.device))
-
-    @classmethod
-    def for_features(cls, features: torch.Tensor, num_classes: int, num_heads: int = 1) -> "LinearProbe":
-        """A probe standardising with the statistics of `features` (the training features)."""
-        return cls(*feature_statistics(features), num_classes, num_heads)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, G, C): one plain matmul for all heads, which stays fast in the backward pass too."""
@@ -90,8 +86,7 @@ class ProbeSGD:
         # Shaped (G, 1) to broadcast over the weight (D, G, C) and the bias (G, C) alike.
         self.lrs = torch.tensor(lrs, dtype=torch.float32, device=device).view(-1, 1)
         self.weight_decays = torch.tensor(weight_decays, dtype=torch.float32, device=device).view(-1, 1)
-        steps = torch.arange(total_steps, dtype=torch.float32, device=device)
-        self.schedule = 0.5 * (1 + torch.cos(math.pi * steps / total_steps))
+        self.schedule = cosine_schedule(1.0, 0.0, total_steps).to(device, torch.float32)
         self.momentum = momentum
         self.buffers = [torch.zeros_like(probe.weight), torch.zeros_like(probe.bias)]
         self.step_count = 0

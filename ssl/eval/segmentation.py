@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl.device import autocast
 from ssl.errors import UserError
 from ssl.eval.metrics import ConfusionMatrix
 from ssl.eval.preprocess import normalise
 from ssl.eval.seg_data import IGNORE_INDEX, SegmentationSet
-from ssl.eval.training import HeadAndBackboneAdamW
+from ssl.eval.training import train_head_and_backbone
 
 
 def linear_head(in_channels: int, num_classes: int) -> nn.Module:
@@ -65,7 +66,7 @@ class Segmenter(nn.Module):
         """uint8 images (B, C, H, W) -> float32 logits (B, num_classes, H, W)."""
         inputs = normalise(images, self.meta["mean"], self.meta["std"])
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+            with autocast(images.device):
                 dense = self.backbone.forward_dense(inputs)
         logits = self.head(dense.float())
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -82,29 +83,14 @@ def random_flip_pairs(images: torch.Tensor, masks: torch.Tensor,
 def train_segmenter(model: Segmenter, data: SegmentationSet, epochs: int, batch_size: int, lr: float,
                     backbone_lr: float, weight_decay: float, seed: int,
                     on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Cross-entropy (ignoring 255) with AdamW on a cosine and random flips; `data` already on the model's device.
+    """Cross-entropy (ignoring 255) on random flips; `data` already on the model's device. Returns the mean loss of
+    every epoch (`ssl.eval.training.train_head_and_backbone`)."""
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images, masks = random_flip_pairs(data.images[batch], data.masks[batch], generator)
+        return F.cross_entropy(model(images), masks.long(), ignore_index=IGNORE_INDEX)
 
-    Returns the mean loss of every epoch (read from the device once per epoch, then passed to
-    `on_epoch(epoch, loss)` when given, epochs counted from 1).
-    """
-    num_images = len(data.images)
-    optimizer = HeadAndBackboneAdamW(model.head, model.backbone, lr, backbone_lr, weight_decay,
-                                     epochs * -(-num_images // batch_size))
-    generator = torch.Generator(data.images.device).manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in range(epochs):
-        total = torch.zeros((), device=data.images.device)
-        for batch in torch.randperm(num_images, device=data.images.device, generator=generator).split(batch_size):
-            images, masks = random_flip_pairs(data.images[batch], data.masks[batch], generator)
-            loss = F.cross_entropy(model(images), masks.long(), ignore_index=IGNORE_INDEX)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(batch)
-        losses.append(total.item() / num_images)
-        if on_epoch:
-            on_epoch(len(losses), losses[-1])
-    return losses
+    return train_head_and_backbone(model, len(data.images), batch_loss, epochs, batch_size, lr, backbone_lr,
+                                   weight_decay, seed, on_epoch=on_epoch)
 
 
 @torch.no_grad()

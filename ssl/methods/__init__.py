@@ -1,10 +1,5 @@
-"""Methods: one file each (heads, loss, forward over views). `build_method(name, backbone, **kwargs)`.
-
-A method is an `nn.Module` with `student` (an `nn.ModuleDict` holding `backbone` and the heads the teacher
-mirrors), `teacher` (same names and shapes, no gradients, moved by `ssl.ema`), optional student-only modules
-(BYOL's predictor), and `forward(views, epoch) -> MethodOutput`. Optional hook the loop calls after
-`backward()`: `before_optimizer_step(epoch)`.
-"""
+"""Methods: one file each (heads, loss, forward over views), each a `ssl.methods.base.Method`.
+`build_method(name, backbone, **kwargs)`."""
 
 import importlib
 import inspect
@@ -12,12 +7,12 @@ import inspect
 from torch import nn
 
 from ssl.errors import UserError
-from ssl.methods.base import MethodOutput
+from ssl.methods.base import Method, MethodOutput
 
 METHODS = {"byol": "ssl.methods.byol:BYOL", "dino": "ssl.methods.dino:DINO"}
 
 
-def build_method(name: str, backbone: nn.Module, epochs: int, **kwargs) -> nn.Module:
+def build_method(name: str, backbone: nn.Module, epochs: int, **kwargs) -> Method:
     """Build method `name` (one of `METHODS`) around `backbone`; `kwargs` are the method's own arguments.
 
     `epochs` (the run's length) is passed on to methods whose schedules need it (DINO's teacher temperature).
@@ -34,4 +29,4 @@ def build_method(name: str, backbone: nn.Module, epochs: int, **kwargs) -> nn.Mo
         raise UserError(f"method {name!r} does not take these arguments {sorted(kwargs)}: {error}") from None
 
 
-__all__ = ["METHODS", "MethodOutput", "build_method"]
+__all__ = ["METHODS", "Method", "MethodOutput", "build_method"]

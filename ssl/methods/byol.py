@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl.methods.base import MethodOutput
+from ssl.methods.base import Method, MethodOutput
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -33,7 +33,7 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * cosine).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
     def __init__(
         self,
         backbone: nn.Module,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ssl.errors import UserError
-from ssl.methods.base import MethodOutput
+from ssl.methods.base import Method, MethodOutput
 
 
 class DINOHead(nn.Module):
@@ -130,7 +130,7 @@ def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], max_norm: f
             param.grad.mul_((max_norm / (param.grad.norm() + 1e-6)).clamp(max=1.0))
 
 
-class DINO(nn.Module):
+class DINO(Method):
     """DINO around `backbone`; the loop calls `forward(views, epoch)`, then `before_optimizer_step(epoch)`.
 
     epochs: length of training, for the per-epoch teacher-temperature schedule.
