@@ -14,6 +14,7 @@ from ssl.data import datasets
 from ssl.data.datasets import FolderDataset, ImageDataset, build_dataset
 from ssl.errors import UserError
 
+host_reachable = datasets.host_reachable.__wrapped__  # uncached, and before conftest makes every host unreachable
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 DATA_KEYS = {
     "name", "root", "download", "limit", "batch_size", "num_workers", "image_size", "local_size", "channels",
@@ -135,6 +136,54 @@ def test_failed_download_says_where_to_fetch_by_hand(tmp_path, monkeypatch):
     assert "could not download CIFAR-10" in message and datasets.CIFAR10_URL in message and "\n" not in message
 
 
+@pytest.mark.parametrize(("setting", "online", "fetched"), [
+    ("auto", True, True), ("auto", False, False), (True, False, True), (False, True, False),
+])  # fmt: skip
+def test_missing_data_is_fetched_by_default_only_when_online(tmp_path, monkeypatch, capsys, setting, online,
+                                                             fetched):
+    calls = []
+
+    def fake_cifar10(root, train, download):  # torchvision's downloader, writing what the real one extracts
+        calls.append((root, train, download))
+        write_cifar(Path(root), fine=False)
+
+    monkeypatch.setattr(datasets, "host_reachable", lambda url: online)
+    monkeypatch.setattr(datasets.tv_datasets, "CIFAR10", fake_cifar10)
+    cfg = config("cifar10", tmp_path, download=setting)
+    if fetched:
+        assert len(build_dataset(cfg, "train")) == 10
+        assert calls == [(str(tmp_path), True, True)]
+        notice = capsys.readouterr().err.strip()
+        assert notice == f"downloading CIFAR-10 from {datasets.CIFAR10_URL} into {tmp_path} (data.download=false " \
+                         "turns this off)"
+    else:
+        with pytest.raises(UserError, match="data_batch_1; run with data.download=true"):
+            build_dataset(cfg, "train")
+        assert calls == []
+
+
+def test_present_data_never_asks_the_network(tmp_path, monkeypatch):
+    write_cifar(tmp_path, fine=False)
+    monkeypatch.setattr(datasets, "host_reachable", lambda url: pytest.fail("asked the network"))
+    assert len(build_dataset(config("cifar10", tmp_path), "test")) == 2
+
+
+def test_unknown_download_setting_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"data.download='sometimes' is not one of auto, true or false"):
+        build_dataset(config("cifar10", tmp_path, download="sometimes"), "train")
+
+
+def test_host_reachable_is_false_for_a_closed_port():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]  # bound but not listening: the connection is refused at once
+        assert host_reachable(f"http://127.0.0.1:{port}/x", timeout=1.0) is False
+        server.listen()
+        assert host_reachable(f"http://127.0.0.1:{port}/x", timeout=1.0) is True
+
+
 def test_corrupt_cifar_is_a_user_error_naming_the_file(tmp_path):
     write_cifar(tmp_path, fine=False)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
@@ -252,6 +301,7 @@ def test_image_folder_problems_are_user_errors(tmp_path):
 def test_data_configs_have_the_keys_the_loop_reads(path):
     cfg = OmegaConf.load(path)
     assert DATA_KEYS <= set(cfg), DATA_KEYS - set(cfg)
-    assert cfg.name == path.stem and cfg.root.startswith("data") and cfg.download is False and cfg.limit is None
+    assert cfg.name == path.stem and cfg.root.startswith("data") and cfg.limit is None
+    assert cfg.download == ("auto" if cfg.name != "imagefolder" else False)
     assert len(cfg.mean) == len(cfg.std) == cfg.channels
     assert cfg.local_size < cfg.image_size

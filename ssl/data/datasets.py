@@ -5,8 +5,12 @@ Resident sets (CIFAR-10/100, STL-10, Fashion-MNIST) are read from their original
 fixed size. Missing or corrupt data raises ``UserError`` naming what was looked for, where, and how to get it.
 """
 
+import functools
 import gzip
 import pickle
+import socket
+import sys
+import urllib.parse
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -164,8 +168,36 @@ def _read_idx(path: Path, fix: str) -> Tensor:
     return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).view(dims)
 
 
+DOWNLOAD_SETTINGS = "auto, true or false"
+
+
+def download_wanted(setting: bool | str, url: str) -> bool:
+    """Whether a missing data set is fetched: ``data.download=true`` always tries, ``false`` never does, and
+    ``auto`` (the default) tries when ``url``'s host answers, so an offline machine keeps its one-line error."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise UserError(f"data.download={setting!r} is not one of {DOWNLOAD_SETTINGS}; auto fetches missing "
+                        "public data sets when the machine is online")
+    return host_reachable(url)
+
+
+@functools.cache
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to ``url``'s host opens within ``timeout`` seconds (asked once per process)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _download(what: str, url: str, root: Path, fetch: Callable[[], Any]) -> None:
     """Run a torchvision downloader; it fetches, checks the md5 and extracts into torchvision's layout."""
+    print(f"downloading {what} from {url} into {root} (data.download=false turns this off)", file=sys.stderr,
+          flush=True)
     try:
         fetch()
     except Exception as error:  # network, checksum and archive failures each have their own types
@@ -175,11 +207,11 @@ def _download(what: str, url: str, root: Path, fetch: Callable[[], Any]) -> None
         ) from None
 
 
-def _require_files(what: str, url: str, root: Path, files: list[Path], download: bool,
+def _require_files(what: str, url: str, root: Path, files: list[Path], download: bool | str,
                    fetch: Callable[[], Any], size: str = "") -> None:
-    """Fetch `what` with `fetch` when any of `files` is missing and `download`; then refuse, in one line naming
-    the first missing file and both fixes, if any is still missing."""
-    if not all(path.is_file() for path in files) and download:
+    """Fetch `what` with `fetch` when any of `files` is missing and `download_wanted`; then refuse, in one line
+    naming the first missing file and both fixes, if any is still missing."""
+    if not all(path.is_file() for path in files) and download_wanted(download, url):
         _download(what, url, root, fetch)
     missing = [path for path in files if not path.is_file()]
     if missing:
@@ -187,7 +219,7 @@ def _require_files(what: str, url: str, root: Path, files: list[Path], download:
                         f"or extract {url} into {root}")
 
 
-def load_cifar(root: Path, split: str, download: bool, num_classes: int) -> tuple[Tensor, Tensor, list[str]]:
+def load_cifar(root: Path, split: str, download: bool | str, num_classes: int) -> tuple[Tensor, Tensor, list[str]]:
     """CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``) python pickles under ``root``."""
     if num_classes == 10:
         what, folder, url, tv_class = "CIFAR-10", root / "cifar-10-batches-py", CIFAR10_URL, tv_datasets.CIFAR10
@@ -216,13 +248,13 @@ def _find_fmnist(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fmnist(root: Path, split: str, download: bool) -> tuple[Tensor, Tensor, list[str]]:
+def load_fmnist(root: Path, split: str, download: bool | str) -> tuple[Tensor, Tensor, list[str]]:
     """Fashion-MNIST idx files (raw or .gz): ``root/FashionMNIST/raw``, else Debian's location, else downloaded."""
     prefixes = {"train": "train", "test": "t10k"}
     if split not in prefixes:
         raise UserError(f"Fashion-MNIST has splits {sorted(prefixes)}, not {split!r}; fix data.*_split")
     stems = [f"{prefixes[split]}-images-idx3-ubyte", f"{prefixes[split]}-labels-idx1-ubyte"]
-    if download and any(_find_fmnist(root, stem) is None for stem in stems):
+    if any(_find_fmnist(root, stem) is None for stem in stems) and download_wanted(download, FMNIST_URL):
         _download(
             "Fashion-MNIST", FMNIST_URL, root / "FashionMNIST" / "raw",
             lambda: tv_datasets.FashionMNIST(str(root), train=split == "train", download=True),
@@ -251,7 +283,7 @@ def _read_stl_images(path: Path, limit: int | None, fix: str) -> Tensor:
     return torch.from_numpy(data).view(-1, 3, STL10_SIDE, STL10_SIDE).transpose(2, 3).contiguous()
 
 
-def load_stl10(root: Path, split: str, download: bool, limit: int | None) -> tuple[Tensor, Tensor, list[str]]:
+def load_stl10(root: Path, split: str, download: bool | str, limit: int | None) -> tuple[Tensor, Tensor, list[str]]:
     """STL-10 binaries in ``root/stl10_binary``: train and test (labelled), unlabeled (labels -1)."""
     if split not in ("train", "test", "unlabeled"):
         raise UserError(f"STL-10 has splits ['test', 'train', 'unlabeled'], not {split!r}; fix data.*_split")
@@ -271,7 +303,7 @@ def load_stl10(root: Path, split: str, download: bool, limit: int | None) -> tup
 
 # ---------------------------------------------------------------------------------------------------------
 
-_RESIDENT: dict[str, Callable[[Path, str, bool, int | None], tuple[Tensor, Tensor, list[str]]]] = {
+_RESIDENT: dict[str, Callable[[Path, str, bool | str, int | None], tuple[Tensor, Tensor, list[str]]]] = {
     "cifar10": lambda root, split, download, limit: load_cifar(root, split, download, num_classes=10),
     "cifar100": lambda root, split, download, limit: load_cifar(root, split, download, num_classes=100),
     "stl10": load_stl10,
@@ -326,7 +358,7 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> ImageDataset | Fol
     for part in split.split("+"):
         if remaining == 0:
             break
-        part_images, part_labels, classes = _RESIDENT[name](root, part, bool(data_cfg.get("download")), remaining)
+        part_images, part_labels, classes = _RESIDENT[name](root, part, data_cfg.get("download", "auto"), remaining)
         if remaining is not None and remaining < len(part_labels):
             # clone() so the kept slice does not hold the whole split in memory.
             part_images, part_labels = part_images[:remaining].clone(), part_labels[:remaining].clone()
