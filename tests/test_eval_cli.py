@@ -12,6 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import ssl
+from ssl.device import resolve_device
+from ssl.errors import UserError
 from ssl.eval import cli
 from ssl.linear_eval import linear_eval
 from ssl.models import build_backbone, save_export
@@ -82,6 +84,16 @@ def test_random_baseline_has_the_exports_architecture_and_seeded_weights(workspa
     again, other = random_backbone(export.export_meta, seed=1), random_backbone(export.export_meta, seed=2)
     assert all(torch.equal(tensor, again.state_dict()[name]) for name, tensor in weights.items())
     assert not torch.equal(weights["stem.0.weight"], other.state_dict()["stem.0.weight"])
+
+
+def test_one_device_rule_for_every_entry_point():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("gpu", "cuda1", "cuda:x", "cpu:0"):
+        with pytest.raises(UserError, match="unknown device"):
+            resolve_device(name)
+    with pytest.raises(UserError, match=f"device=cuda:{torch.cuda.device_count()} but"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last visible GPU (cuda:0 without one)
 
 
 def test_summary_line_puts_the_baseline_and_the_signed_difference_beside_each_score():

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from ssl.errors import UserError
-from ssl.eval.linear import LinearProbe, ProbeConfig, fit_linear_probe, next_weight_decay, train_probe
+from ssl.eval.linear import (
+    LinearProbe,
+    ProbeConfig,
+    feature_statistics,
+    fit_linear_probe,
+    next_weight_decay,
+    train_probe,
+)
 from ssl.eval.metrics import topk_accuracy
 
 GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -134,9 +141,9 @@ def test_bad_probe_settings_are_user_errors():
 def test_grid_heads_train_independently():
     """Head g of a batched probe ends where a probe trained alone with head g's (lr, wd) ends."""
     features, labels = separable(64, seed=2)
-    together = train_probe(LinearProbe.for_features(features, 4, num_heads=2), labels, features.__getitem__,
+    together = train_probe(LinearProbe(*feature_statistics(features), 4, num_heads=2), labels, features.__getitem__,
                            [0.1, 0.01], [0.0, 0.01], epochs=3, batch_size=16, seed=0)
-    alone = train_probe(LinearProbe.for_features(features, 4), labels, features.__getitem__,
+    alone = train_probe(LinearProbe(*feature_statistics(features), 4), labels, features.__getitem__,
                         [0.01], [0.01], epochs=3, batch_size=16, seed=0)
     torch.testing.assert_close(together.weight[:, 1], alone.weight[:, 0])
     torch.testing.assert_close(together.bias[1], alone.bias[0])
