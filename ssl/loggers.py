@@ -21,7 +21,7 @@ class RunLogger:
         self._wandb = None
         self._interactive = sys.stderr.isatty()
         if logger_cfg["name"] == "wandb":
-            self._wandb = _start_wandb(Path(run_dir), logger_cfg, config)
+            self._wandb = start_wandb(Path(run_dir), logger_cfg, config)
         elif logger_cfg["name"] != "none":
             raise UserError(f"unknown logger {logger_cfg['name']!r}; choose one of: wandb, none")
 
@@ -55,7 +55,7 @@ class RunLogger:
             self._wandb.finish()
 
 
-def _start_wandb(run_dir: Path, logger_cfg: dict[str, Any], config: dict[str, Any]):
+def start_wandb(run_dir: Path, logger_cfg: dict[str, Any], config: dict[str, Any]):
     try:
         import wandb
     except ImportError:
