@@ -85,18 +85,26 @@ def kept_note(checkpoint_path: Path) -> str:
 # Saving and resuming
 
 
+def input_meta(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a backbone trained on the `data` config takes as input: the export's metadata that
+    `ssl.eval.preprocess.eval_inputs` turns uint8 images with."""
+    return {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
+            "std": list(data["std"])}
+
+
 def save_checkpoint(run_dir: Path, run: Pretraining, config: dict[str, Any], step: int, epoch: int,
-                    device: torch.device) -> None:
-    """RUN_DIR/checkpoint.pt (weights, optimiser, EMA, RNG and step: all a bit-identical continuation needs) and the
-    teacher and student exports of the same `epoch`: the three files are replaced together or not at all."""
+                    device: torch.device, wandb_id: str | None = None) -> None:
+    """RUN_DIR/checkpoint.pt (weights, optimiser, EMA, RNG and step: all a bit-identical continuation needs, and the
+    run's wandb id, which a resumed run continues) and the teacher and student exports of the same `epoch`: the
+    three files are replaced together or not at all."""
     from ssl.models.export import export_payload  # here, not above: ssl.models.export imports this module
 
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
     checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(),
-                  "rng": rng, "step": step, "epoch": epoch, "steps_per_epoch": run.steps_per_epoch, "config": config}
+                  "rng": rng, "step": step, "epoch": epoch, "steps_per_epoch": run.steps_per_epoch, "config": config,
+                  "wandb_id": wandb_id}
     data = config["data"]
-    meta = {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
-            "std": list(data["std"]), "dataset": data["name"], "num_classes": run.dataset.num_classes,
+    meta = {**input_meta(data), "dataset": data["name"], "num_classes": run.dataset.num_classes,
             "method": config["method"]["name"], "epoch": epoch}
     atomic_save({run_dir / "checkpoint.pt": checkpoint,
                  run_dir / "teacher.pt": export_payload(run.method.teacher.backbone, role="teacher", **meta),
@@ -108,7 +116,8 @@ STRUCTURE_KEYS = ("method.name", "method.kwargs", "backbone.name", "backbone.kwa
                   "data.image_size", "data.num_classes", "optim.name")
 # Where and how a session runs, not what it learns: free to differ between sessions, not worth a notice.
 SESSION_KEYS = ("name", "run_dir", "resume", "device", "logger", "data.root", "data.download", "data.num_workers",
-                "trainer.log_every", "trainer.compile")
+                "trainer.log_every", "trainer.compile", "trainer.knn_every_epochs", "trainer.knn_train_images",
+                "trainer.knn_test_images")
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:

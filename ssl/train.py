@@ -6,7 +6,9 @@ One step: a uint8 batch already on the device -> views (batched augmentation, sa
 
 Learning rate, weight decay and the teacher's momentum are arrays precomputed for every step from one cosine
 (`ssl.optim.cosine_schedule`), as in DINO; `ssl.ema.EMA` applies the momentum. Numbers stay on the device between
-log points: the host reads them once every `trainer.log_every` steps, so the step itself never waits for the GPU.
+log points: the host reads them once every `trainer.log_every` steps, so the step itself never waits for the GPU
+(on a terminal the progress bar advances every step and shows the numbers read at log points). After each epoch
+an online kNN monitor classifies a fixed test slice with the teacher's features (`ssl.eval.knn_monitor`).
 
 Under torchrun every process runs this same loop on its shard of each global batch. DDP synchronises the
 gradients of everything trained (student, predictor, probe); the teacher has no gradients, so DDP leaves it
@@ -44,6 +46,7 @@ from ssl.device import autocast, resolve_device
 from ssl.distributed import Process, all_reduce_mean, convert_sync_batchnorm, init_process, shutdown
 from ssl.ema import EMA
 from ssl.errors import UserError, os_failure
+from ssl.eval.knn_monitor import build_knn_monitor
 from ssl.loggers import RunLogger
 from ssl.methods import build_method
 from ssl.models import build_backbone
@@ -58,6 +61,11 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.trainer.warmup_epochs >= 0, f"trainer.warmup_epochs must be >= 0 (got {cfg.trainer.warmup_epochs})"),
         (cfg.data.batch_size > 0, f"data.batch_size must be > 0 (got {cfg.data.batch_size})"),
         (cfg.trainer.log_every > 0, f"trainer.log_every must be > 0 (got {cfg.trainer.log_every})"),
+        (cfg.trainer.knn_every_epochs >= 0,
+         f"trainer.knn_every_epochs must be >= 0, 0 for no online kNN (got {cfg.trainer.knn_every_epochs})"),
+        (cfg.trainer.knn_train_images > 0,
+         f"trainer.knn_train_images must be > 0 (got {cfg.trainer.knn_train_images})"),
+        (cfg.trainer.knn_test_images > 0, f"trainer.knn_test_images must be > 0 (got {cfg.trainer.knn_test_images})"),
         (cfg.optim.lr > 0, f"optim.lr must be > 0 (got {cfg.optim.lr})"),
         (cfg.data.limit is None or cfg.data.limit > 0, f"data.limit must be > 0 or null (got {cfg.data.limit})"),
     ]
@@ -298,9 +306,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
     step = 0 if resume is None else resume.restore(run.model, run.optimizer, run.ema, steps_per_epoch, device)
     forward = wrap_forward(run.model, cfg, device, process)
     logger = start_logger(cfg, run_dir, resume, step, steps_per_epoch) if process.is_main else None
+    # Rank 0 alone runs the kNN monitor, without collectives: the other ranks wait for it at their next step's
+    # gradient all-reduce, as they would if they computed the same number themselves.
+    monitor = (build_knn_monitor(cfg, run.dataset, run.loader.batch_size, device, run.autocast, logger.message)
+               if process.is_main else None)
     loss_watch, log_means, epoch_means = LossWatch(step, device), RunningMeans(), RunningMeans()
     images_since_log, clock = 0, time.perf_counter()
-    with StopOnSignal() as stop:
+    bar = logger.progress_bar(step, epochs, steps_per_epoch) if process.is_main else nullcontext()
+    with StopOnSignal() as stop, bar:
         for epoch in range(step // steps_per_epoch, epochs):
             run.method.train()
             batches = itertools.islice(run.loader.epoch(epoch), step - epoch * steps_per_epoch, None)
@@ -311,6 +324,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
                 epoch_means.add(values)
                 step += 1
                 images_since_log += images.shape[0]
+                if process.is_main:
+                    logger.advance()
 
                 # A single process reacts to a signal at once; ranks agree on stopping at log points only.
                 stopping = stop.signal_name is not None and not process.distributed
@@ -328,7 +343,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
                     images_since_log, clock = 0, time.perf_counter()
                 if stopping:
                     if process.is_main:
-                        save_checkpoint(run_dir, run, config, step, epoch, device)
+                        save_checkpoint(run_dir, run, config, step, epoch, device, logger.wandb_id)
                         logger.message(f"{stop.signal_name or 'signal'}: saved {run_dir / 'checkpoint.pt'} at step "
                                        f"{step}; continue with: "
                                        f"{resume_command(run_dir, distributed=process.distributed)}")
@@ -338,10 +353,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
             loss_watch.check(run_dir)
             record = epoch_means.means()
             if process.is_main:
-                save_checkpoint(run_dir, run, config, step, epoch + 1, device)
+                paused = time.perf_counter()
+                save_checkpoint(run_dir, run, config, step, epoch + 1, device, logger.wandb_id)
+                if monitor is not None:
+                    record.update(monitor(run.method.teacher.backbone, epoch + 1))
                 logger.log({"step": step, "epoch": epoch + 1, "type": "epoch", **record})
-                logger.message(f"epoch {epoch + 1}/{epochs}: loss={record['loss']:.4f} "
-                               f"probe_acc={record['probe_acc']:.4f}")
+                logger.message(f"epoch {epoch + 1}/{epochs}: " + " ".join(
+                    f"{key}={record[key]:.4f}" for key in ("loss", "probe_acc", "knn20") if key in record))
+                clock += time.perf_counter() - paused  # images/s measures training, not the checkpoint and the kNN
 
     if process.is_main:
         logger.close()
@@ -354,7 +373,8 @@ def start_logger(cfg: DictConfig, run_dir: Path, resume: Resume | None, step: in
     """Rank 0's logger, once the run's config.yaml is written; a resumed run says where it goes on and what changed."""
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger = RunLogger(run_dir, OmegaConf.to_container(cfg.logger), OmegaConf.to_container(cfg, resolve=True),
-                       resume=resume is not None)
+                       resumed_at=None if resume is None else resume.state["step"],
+                       wandb_id=None if resume is None else resume.state.get("wandb_id"))
     if resume is not None:
         logger.message(f"resumed from {resume.path} at step {step} (epoch {step // steps_per_epoch})")
         for notice in resume.notices:

@@ -39,6 +39,11 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("type") != "epoch"}
 
 
+def epoch_knn(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["knn20"] for r in records if r.get("type") == "epoch"]
+
+
 def test_run_writes_config_metrics_checkpoint_and_exports(data_root, tmp_path):
     result = pretrain(*tiny(data_root, tmp_path / "run"))
     assert result.returncode == 0, result.stderr
@@ -94,6 +99,8 @@ def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_
     expected, got = step_losses(tmp_path / "reference"), step_losses(run)
     assert sorted(got) == sorted(expected)
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(expected)], rel=1e-6)
+    # the online kNN monitor draws no random number and changes nothing: its scores repeat too
+    assert epoch_knn(run) == epoch_knn(tmp_path / "reference") and len(epoch_knn(run)) == 3
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path):

@@ -7,6 +7,7 @@
 | `features.py` | pooled features of a frozen backbone: once per dataset, or per batch of augmented views |
 | `linear.py` | L-BFGS logistic regression, weight decay chosen on held-out data; SGD heads (augmented protocol) |
 | `knn.py` | weighted kNN votes on L2-normalised features (DINO) |
+| `knn_monitor.py` | the online kNN monitor of pretraining: the teacher's knn20 on fixed slices, per epoch |
 | `metrics.py` | top-k accuracy; `ConfusionMatrix` -> mIoU, pixel accuracy, per-class IoU |
 | `training.py` | the fine-tuning and segmentation loop: AdamW, a separate backbone lr, warm-up + cosine |
 | `finetuning.py` | backbone + linear head trained end to end |

@@ -16,16 +16,19 @@ def extract_features(
     meta: dict[str, Any],
     device: torch.device,
     batch_size: int = 256,
+    precision: torch.autocast | None = None,
 ) -> torch.Tensor:
     """Pooled embeddings (N, feature_dim), float32 on `device`, of uint8 `images` (N, C, H, W) on any device.
 
     The backbone must already be in eval mode on `device` (`ssl.load_backbone` returns it so): BatchNorm uses
-    its running statistics and nothing in it changes.
+    its running statistics and nothing in it changes. `precision` is the autocast it runs under (default
+    `ssl.device.autocast`: bfloat16 on CUDA); the features come out float32 for the classifiers either way.
     """
+    precision = autocast(device) if precision is None else precision
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        with autocast(device):  # bfloat16 on CUDA; float32 features for the classifiers
+        with precision:
             chunks.append(backbone(eval_inputs(batch, meta)).float())
     return torch.cat(chunks)
 
