@@ -1,7 +1,11 @@
-"""Tiny datasets written in the real on-disk formats, so tests exercise the real loaders and never download."""
+"""Tiny datasets written in the real on-disk formats, so tests exercise the real loaders and never download; and
+`run_module`, an entry point's `python -m` run inside the test process."""
 
 import gzip
+import runpy
 import struct
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +41,31 @@ def write_fmnist(root: Path, train: int = 96, test: int = 48, seed: int = 0) -> 
         write_idx(raw / f"{prefix}-images-idx3-ubyte", class_images(labels, 28, rng))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
+
+
+def run_module(module: str, *args: str) -> int:
+    """`python -m MODULE ARGS...` inside this process; returns its exit status.
+
+    The module runs as `__main__` (runpy, as `-m` does) with `sys.argv` set, so its `__main__` block, Hydra's parsing
+    of the command line and `ssl.errors.run_cli` are the real ones: only the interpreter's start-up (seconds of
+    importing torch) is skipped. What it prints goes to pytest's capture: read it with `capsys`. An exception other
+    than SystemExit propagates, as a traceback would end a real run. What only a fresh interpreter shows (nothing
+    but the one error line on stderr: no warning at start-up, no traceback) keeps a real subprocess test for each
+    entry point that has one-line errors tested (ssl.pretrain, ssl.linear_eval, ssl.export, ssl.visualize).
+    """
+    argv = sys.argv
+    sys.argv = [module, *args]  # runpy puts the module's file in argv[0]
+    try:
+        with warnings.catch_warnings():
+            # a module a test imported already runs again, fresh, as __main__: what -m does, so nothing to warn of
+            warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package",
+                                    category=RuntimeWarning)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)  # sys.exit("message"): printed, status 1
+        return 1
+    finally:
+        sys.argv = argv
+    return 0

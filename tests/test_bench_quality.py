@@ -1,28 +1,50 @@
-"""A smoke run of the quality benchmark on a tiny Fashion-MNIST fixture: every model is scored, the table is written."""
+"""A smoke run of the quality benchmark on a tiny Fashion-MNIST fixture: every model is scored, the table is written.
+
+The script runs in this process, and so do the commands it starts (`python -m ssl.pretrain`, `ssl.linear_eval`,
+`ssl.segment`, `ssl.finetune`): each through its real entry point (`tests.fixtures.run_module`), without the seconds
+of interpreter start-up that ten processes would spend."""
 
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
-from tests.fixtures import write_fmnist
+from scripts import bench_quality
+from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quality_scores_every_model_against_random_init(tmp_path):
+def test_bench_quality_scores_every_model_against_random_init(tmp_path, monkeypatch):
+    commands = []
+
+    def in_process(command: list[str], cwd: Path, check: bool) -> None:
+        """`subprocess.run` for scripts.bench_quality: the `python -m MODULE ...` it asks for, run here."""
+        assert command[:2] == [sys.executable, "-m"] and cwd == ROOT and check
+        commands.append(command[2])
+        returncode = run_module(*command[2:])
+        if returncode:
+            raise subprocess.CalledProcessError(returncode, command)
+
+    monkeypatch.setattr(bench_quality, "subprocess", types.SimpleNamespace(run=in_process))
     root = write_fmnist(tmp_path / "data", train=64, test=32)
     pretrain = [f"data.root={root}", "trainer.epochs=1", "trainer.warmup_epochs=0", "data.batch_size=32",
-                "trainer.log_every=1", "method.kwargs.proj_hidden_dim=64", "method.kwargs.pred_hidden_dim=64"]
+                "trainer.log_every=1", "trainer.knn_every_epochs=0", "method.kwargs.proj_hidden_dim=64",
+                "method.kwargs.pred_hidden_dim=64"]
     segment = ["fmnist_mosaic.train_size=16", "fmnist_mosaic.test_size=8", "train.epochs=1"]
-    command = [sys.executable, "-m", "scripts.bench_quality", "--methods", "byol", "--out", str(tmp_path / "runs"),
-               "--json", str(tmp_path / "quality.json"), "--markdown", str(tmp_path / "quality.md"),
-               "--eval-override", f"data.root={root}",
-               *[arg for value in pretrain for arg in ("--pretrain-override", value)],
-               *[arg for value in segment for arg in ("--segment-override", value)]]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", [
+        "bench_quality.py", "--methods", "byol", "--out", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "quality.json"), "--markdown", str(tmp_path / "quality.md"),
+        "--eval-override", f"data.root={root}",
+        *[arg for value in pretrain for arg in ("--pretrain-override", value)],
+        *[arg for value in segment for arg in ("--segment-override", value)]])
+    bench_quality.main()
+    # the pretraining; then linear_eval and segment of each model: random init, the supervised reference (fine-tuned
+    # first), the teacher and the student
+    assert commands == ["ssl.pretrain", "ssl.linear_eval", "ssl.segment", "ssl.finetune",
+                        *["ssl.linear_eval", "ssl.segment"] * 3]
 
     report = json.loads((tmp_path / "quality.json").read_text())
     rows = {(row["method"], row["model"]): row for row in report["rows"]}

@@ -1,4 +1,6 @@
-"""The downstream entry points as users run them: tiny export, tiny Fashion-MNIST fixture, one process each."""
+"""The downstream entry points as users run them: tiny export, tiny Fashion-MNIST fixture. Their command lines run in
+this process (`tests.fixtures.run_module`: the real `__main__` block, Hydra parsing and `run_cli`); one error case
+runs in a fresh interpreter, where only one line may reach stderr."""
 
 import json
 import os
@@ -19,7 +21,7 @@ from ssl.linear_eval import linear_eval
 from ssl.models import build_backbone, save_export
 from ssl.models.export import FORMAT_VERSION, random_backbone
 from ssl.segment import segment
-from tests.fixtures import write_fmnist
+from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_PROBE = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0,0.01]", "linear.epochs=3", "knn.ks=[5,20]"]
@@ -47,11 +49,10 @@ def run(module: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_linear_eval_follows_the_exports_dataset_and_writes_beside_it(workspace):
-    result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                 *FAST_PROBE)
-    assert result.returncode == 0, result.stderr
-    summary = result.stdout.strip().splitlines()[-1]
+def test_linear_eval_follows_the_exports_dataset_and_writes_beside_it(workspace, capsys):
+    assert run_module("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                      *FAST_PROBE) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("linear_top1=") and "linear_top5=" in summary and "knn20_top1=" in summary
     report = json.loads((workspace["ckpt"].parent / "linear_eval_teacher" / "linear_eval.json").read_text())
     assert report["data"] == "fmnist" and report["num_train"] == 40 and report["num_test"] == 20
@@ -104,43 +105,41 @@ def test_summary_line_puts_the_baseline_and_the_signed_difference_beside_each_sc
             == "linear_top1=85.10 (random 82.16, +2.94) knn20_top1=80.00 (random 81.46, -1.46)")
 
 
-def test_linear_eval_with_a_random_baseline(workspace):
+def test_linear_eval_with_a_random_baseline(workspace, capsys):
     out = workspace["tmp"] / "baseline"
-    result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                 f"run_dir={out}", "baseline=random", "seed=1", *FAST_PROBE)  # the fixture export is seed 0's init
-    assert result.returncode == 0, result.stderr
+    assert run_module("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                      f"run_dir={out}", "baseline=random", "seed=1", *FAST_PROBE) == 0  # the export is seed 0's init
+    stdout = capsys.readouterr().out
     report = json.loads((out / "linear_eval.json").read_text())
     random = report["baseline"]
     assert random["kind"] == "random" and random["seed"] == 1
     assert random.keys() >= {"linear", "knn", "seconds"} and random["knn"].keys() == report["knn"].keys()
     assert random["linear"].keys() == report["linear"].keys()
     printed = {name: (float(value), float(base), float(diff))
-               for name, value, base, diff in WITH_BASELINE.findall(result.stdout.strip().splitlines()[-1])}
+               for name, value, base, diff in WITH_BASELINE.findall(stdout.strip().splitlines()[-1])}
     assert list(printed) == ["linear_top1", "linear_top5", "knn5_top1", "knn20_top1"]
     assert printed["linear_top1"][:2] == (round(report["linear"]["top1"], 2), round(random["linear"]["top1"], 2))
     assert printed["knn20_top1"][:2] == (round(report["knn"]["k20_top1"], 2), round(random["knn"]["k20_top1"], 2))
     assert all(diff == pytest.approx(value - base, abs=1e-9) for value, base, diff in printed.values())
 
 
-def test_finetune_writes_a_finetuned_export_with_its_head(workspace):
+def test_finetune_writes_a_finetuned_export_with_its_head(workspace, capsys):
     out = workspace["tmp"] / "finetune"
-    result = run("ssl.finetune", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                 f"run_dir={out}", "train.epochs=1", "train.batch_size=16")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith("finetune_top1=")
+    assert run_module("ssl.finetune", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                      f"run_dir={out}", "train.epochs=1", "train.batch_size=16") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune_top1=")
     backbone = ssl.load_backbone(out / "finetuned.pt")
     meta = backbone.export_meta
     assert meta["role"] == "finetuned" and meta["head"]["weight"].shape == (10, 512) and len(meta["classes"]) == 10
     assert 0 <= json.loads((out / "finetune.json").read_text())["top1"] <= 100
 
 
-def test_segment_on_a_tiny_mosaic_set(workspace):
+def test_segment_on_a_tiny_mosaic_set(workspace, capsys):
     out = workspace["tmp"] / "segment"
-    result = run("ssl.segment", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                 f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4", "train.epochs=1",
-                 "train.batch_size=4", "head=fcn")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith("miou=")
+    assert run_module("ssl.segment", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
+                      f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4", "train.epochs=1",
+                      "train.batch_size=4", "head=fcn") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("miou=")
     report = json.loads((out / "segment.json").read_text())
     assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 4
     assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "fcn"
@@ -165,6 +164,7 @@ def test_segment_with_a_random_baseline_in_process(workspace, capsys):
 
 
 def test_unknown_baseline_is_one_error_line(workspace):
+    """In a fresh interpreter: nothing but the one line reaches stderr (no warning at start-up, no traceback)."""
     result = run("ssl.linear_eval", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
                  f"run_dir={workspace['tmp'] / 'unknown_baseline'}", "baseline=imagenet")
     assert result.returncode == 2
@@ -202,27 +202,16 @@ def bad_input(kind: str, tmp: Path) -> Path:
 BAD_INPUTS = ["missing", "full_checkpoint", "not_an_export", "newer_version", "carries_code", "three_channels"]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(workspace) -> dict[str, tuple[int, str, Path]]:
-    """`python -m ssl.linear_eval ckpt=<bad input>` for every kind at once (the runs are mostly start-up time)."""
-    runs = {}
-    for kind in BAD_INPUTS:
-        folder = workspace["tmp"] / "bad" / kind
-        folder.mkdir(parents=True)
-        command = [sys.executable, "-m", "ssl.linear_eval", f"ckpt={bad_input(kind, folder)}",
-                   f"data.root={workspace['root']}", "device=cpu"]
-        runs[kind] = (subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                      folder)
-    results = {}
-    for kind, (process, folder) in runs.items():
-        _, stderr = process.communicate(timeout=300)
-        results[kind] = (process.returncode, stderr, folder)
-    return results
-
-
 @pytest.mark.parametrize("kind", BAD_INPUTS)
-def test_bad_input_is_one_error_line(kind, bad_input_runs):
-    returncode, stderr, folder = bad_input_runs[kind]
+def test_bad_input_is_one_error_line(kind, workspace, capsys):
+    """`python -m ssl.linear_eval ckpt=<bad input>`, in this process (test_unknown_baseline_is_one_error_line runs
+    the entry point in a fresh interpreter)."""
+    folder = workspace["tmp"] / "bad" / kind
+    folder.mkdir(parents=True)
+    ckpt = bad_input(kind, folder)
+    capsys.readouterr()
+    returncode = run_module("ssl.linear_eval", f"ckpt={ckpt}", f"data.root={workspace['root']}", "device=cpu")
+    stderr = capsys.readouterr().err
     assert returncode != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr

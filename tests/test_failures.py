@@ -22,7 +22,7 @@ from ssl.errors import run_cli
 from ssl.eval import cli
 from ssl.models import build_backbone, save_export
 from ssl.run_lock import LOCK_NAME, run_lock
-from tests.fixtures import write_fmnist
+from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED = ("checkpoint.pt", "teacher.pt", "student.pt")  # what a failure must leave as it was
@@ -249,14 +249,15 @@ def test_checkpoint_without_config_that_does_not_fit_is_one_line(run_dir, data_r
 # ---- one run per folder
 
 
-def test_second_run_on_a_live_folder_refuses(run_dir, data_root):
+def test_second_run_on_a_live_folder_refuses(run_dir, data_root, capsys):
     before = snapshot(run_dir)
     with run_lock(run_dir):  # this process is the live run
-        result = subprocess.run([sys.executable, "-m", "ssl.pretrain", "+experiment=byol_fmnist", "logger=none",
-                                 "device=cpu", f"data.root={data_root}", f"run_dir={run_dir}", "resume=auto"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
+        # `python -m ssl.pretrain` in this process: its lock opens the file anew, and flock refuses a second open
+        # file as it refuses another process (the killed-run test below holds the lock in a real other process)
+        returncode = run_module("ssl.pretrain", "+experiment=byol_fmnist", "logger=none", "device=cpu",
+                                f"data.root={data_root}", f"run_dir={run_dir}", "resume=auto")
+    assert returncode == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: run_dir {run_dir} is in use by a live run (pid {os.getpid()} on "
                            f"{os.uname().nodename} since ")
     assert line.endswith("); wait for it to end or stop it, or choose another run_dir")

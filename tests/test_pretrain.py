@@ -1,4 +1,6 @@
-"""`python -m ssl.pretrain` end to end on a tiny Fashion-MNIST-format fixture, on the CPU."""
+"""`python -m ssl.pretrain` end to end on a tiny Fashion-MNIST-format fixture, on the CPU: in a fresh interpreter where
+that matters (the finished run the tests share, a Ctrl-C, nothing but one error line), else in this process through
+the same entry point (`tests.fixtures.run_module`)."""
 
 import json
 import signal
@@ -12,7 +14,7 @@ import torch
 
 import ssl
 from ssl.run_lock import LOCK_NAME
-from tests.fixtures import write_fmnist
+from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +46,16 @@ def epoch_knn(run_dir: Path) -> list[float]:
     return [r["knn20"] for r in records if r.get("type") == "epoch"]
 
 
-def test_run_writes_config_metrics_checkpoint_and_exports(data_root, tmp_path):
-    result = pretrain(*tiny(data_root, tmp_path / "run"))
+@pytest.fixture(scope="module")
+def finished(data_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny run of 3 epochs (kNN monitor on), by `python -m ssl.pretrain`: its folder and the finished process."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    return run, pretrain(*tiny(data_root, run))
+
+
+def test_run_writes_config_metrics_checkpoint_and_exports(data_root, finished, capsys):
+    run, result = finished
     assert result.returncode == 0, result.stderr
-    run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "teacher.pt",
                                                "student.pt"}
     assert f"python -m ssl.linear_eval ckpt={run / 'teacher.pt'}" in result.stdout
@@ -70,14 +78,16 @@ def test_run_writes_config_metrics_checkpoint_and_exports(data_root, tmp_path):
     assert state["step"] == 18 and state["ema"]["step"] == 18
 
     before = (run / "checkpoint.pt").read_bytes()
-    again = pretrain(*tiny(data_root, run))  # a fresh run must not overwrite a finished one
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "resume=auto" in again.stderr
+    capsys.readouterr()
+    assert run_module("ssl.pretrain", *tiny(data_root, run)) == 2  # a fresh run must not overwrite a finished one
+    stderr = capsys.readouterr().err
+    assert "already holds a run" in stderr and "resume=auto" in stderr
     assert (run / "checkpoint.pt").read_bytes() == before
 
 
-def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_path):
-    reference = pretrain(*tiny(data_root, tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr
+def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, finished, tmp_path, capsys):
+    reference, result = finished
+    assert result.returncode == 0, result.stderr
 
     run = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "-m", "ssl.pretrain", *tiny(data_root, run)], cwd=ROOT,
@@ -93,43 +103,53 @@ def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, tmp_
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < stopped_at < 18, "the signal must arrive mid-training"
 
-    resumed = pretrain(*tiny(data_root, run, "resume=auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {stopped_at}" in resumed.stdout
-    expected, got = step_losses(tmp_path / "reference"), step_losses(run)
+    capsys.readouterr()
+    assert run_module("ssl.pretrain", *tiny(data_root, run, "resume=auto")) == 0
+    assert f"at step {stopped_at}" in capsys.readouterr().out
+    expected, got = step_losses(reference), step_losses(run)
     assert sorted(got) == sorted(expected)
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(expected)], rel=1e-6)
     # the online kNN monitor draws no random number and changes nothing: its scores repeat too
-    assert epoch_knn(run) == epoch_knn(tmp_path / "reference") and len(epoch_knn(run)) == 3
+    assert epoch_knn(run) == epoch_knn(reference) and len(epoch_knn(run)) == 3
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path, capsys):
     run = tmp_path / "run"
-    assert pretrain(*tiny(data_root, run, "trainer.epochs=1")).returncode == 0
+    assert run_module("ssl.pretrain", *tiny(data_root, run, "trainer.epochs=1", "trainer.knn_every_epochs=0")) == 0
     before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "teacher.pt", "student.pt")}
-    result = pretrain(*tiny(data_root, run, "resume=auto", "optim.lr=1e30", "trainer.epochs=4"))
-    assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]  # after the progress lines
+    capsys.readouterr()
+    assert run_module("ssl.pretrain", *tiny(data_root, run, "resume=auto", "optim.lr=1e30", "trainer.epochs=4",
+                                            "trainer.knn_every_epochs=0")) == 2
+    stderr = capsys.readouterr().err
+    last_line = stderr.strip().splitlines()[-1]  # after the progress lines
     assert last_line.startswith("error: loss became non-finite at step") and "is kept" in last_line
-    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert stderr.count("error:") == 1 and "Traceback" not in stderr
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+NO_DEVICE = "device=cuda" if not torch.cuda.is_available() else "device=tpu"
 
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.epochs=0", "trainer.epochs must be > 0"),
     ("method.ema.base=1.5", "method.ema.base is a decay and must lie in [0, 1]"),
     ("data.batch_size=512", "larger than the 96 images"),
-    ("device=cuda" if not torch.cuda.is_available() else "device=tpu", "device"),
+    (NO_DEVICE, "device"),
 ])
-def test_impossible_values_are_refused_in_one_line(data_root, tmp_path, override, message):
-    result = pretrain(*tiny(data_root, tmp_path / "run", override))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: ") and message in result.stderr
+def test_impossible_values_are_refused_in_one_line(data_root, tmp_path, capsys, override, message):
+    args = tiny(data_root, tmp_path / "run", override)
+    if override == NO_DEVICE:  # in a fresh interpreter, where a warning of the CUDA probe would reach stderr too
+        result = pretrain(*args)
+        returncode, stderr = result.returncode, result.stderr
+    else:  # the same entry point in this process
+        returncode, stderr = run_module("ssl.pretrain", *args), capsys.readouterr().err
+    assert returncode == 2
+    assert stderr.strip().splitlines() == [stderr.strip()]
+    assert stderr.startswith("error: ") and message in stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_unknown_method_names_the_choices(data_root, tmp_path):
-    result = pretrain(*tiny(data_root, tmp_path / "run", "method=simclr"))
-    assert result.returncode != 0
-    assert "byol" in result.stderr and "dino" in result.stderr and "Traceback" not in result.stderr
+def test_unknown_method_names_the_choices(data_root, tmp_path, capsys):
+    assert run_module("ssl.pretrain", *tiny(data_root, tmp_path / "run", "method=simclr")) != 0
+    stderr = capsys.readouterr().err
+    assert "byol" in stderr and "dino" in stderr and "Traceback" not in stderr
