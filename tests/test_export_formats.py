@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 BATCH = 3  # not the traced example's batch of 2: the batch dimension must really be dynamic
 # name -> (backbone, kwargs, channels, input size): the ImageNet stem, the stride-2 stem on 1-channel 28 px
-# images (both adaptation lines), and a ViT-Tiny small enough to trace in seconds.
+# images (both adaptation lines), the same at half width (byol_fmnist's backbone), and a ViT-Tiny small enough to
+# trace in seconds.
 CASES = {
     "resnet18_imagenet": ("resnet18", {"stem": "imagenet"}, 3, 64),
     "resnet18_stride2": ("resnet18", {"stem": "stride2", "in_channels": 1}, 1, 28),
+    "resnet18_narrow": ("resnet18", {"stem": "stride2", "in_channels": 1, "width": 32}, 1, 28),
     "vit_tiny": ("vit_tiny", {"patch_size": 8, "image_size": 32}, 3, 32),
 }
 RESNETS = ["resnet18_imagenet", "resnet18_stride2"]
@@ -213,6 +215,17 @@ def test_unknown_format_is_one_error_line(exports):
     assert result.stderr.strip().splitlines() == [
         "error: unknown format=tflite; choose one of: torchvision, torch.export, onnx"]
     assert sorted(ckpt.parent.iterdir()) == before
+
+
+def test_torchvision_format_refuses_a_narrow_resnet_in_one_line(exports, tmp_path, capsys):
+    cfg = export_config(f"ckpt={exports['resnet18_narrow']}", "format=torchvision", f"out={tmp_path / 'out'}")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: export(cfg))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: format=torchvision needs torchvision's channel widths (64 after the stem); this export has width=32: "
+        "use format=torch.export or format=onnx; nothing written"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize(("case", "kind", "module"), [("resnet18_stride2", "onnx", "onnxscript"),

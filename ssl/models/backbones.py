@@ -18,21 +18,28 @@ STEMS = ("imagenet", "cifar", "stride2")
 ``cifar``: one 3x3 stride-1 convolution, no max-pool (/1; the usual stem for 32 px images, SimCLR/solo-learn);
 ``stride2``: one 3x3 stride-2 convolution, no max-pool (/2; 28-32 px images on a CPU: a quarter of the cifar
 stem's cost in every later stage, and `layer4` still sees 2x2 on 28 px instead of the imagenet stem's 1x1)."""
+TORCHVISION_WIDTH = 64  # channels out of torchvision's stem; each later stage doubles them (64-128-256-512)
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision ResNet without its classifier, with one of `STEMS` in front of `layer1`."""
+    """A torchvision ResNet without its classifier, with one of `STEMS` in front of `layer1` and `width` channels
+    out of the stem (torchvision's 64; stage i has width * 2**i, so the feature is 8 * width * block expansion)."""
 
-    def __init__(self, depth: int, in_channels: int = 3, stem: str = "imagenet") -> None:
+    def __init__(self, depth: int, in_channels: int = 3, stem: str = "imagenet", width: int = TORCHVISION_WIDTH
+                 ) -> None:
         super().__init__()
         if stem not in STEMS:
             raise UserError(f"unknown ResNet stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        if not isinstance(width, int) or width < 1:
+            raise UserError(f"ResNet width={width!r} must be a positive whole number of channels (torchvision: 64)")
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        if width != TORCHVISION_WIDTH:
+            _narrow(net, width)
         if stem == "imagenet":
             if in_channels != 3:
-                net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+                net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         else:
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1 if stem == "cifar" else 2, padding=1,
+            net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1 if stem == "cifar" else 2, padding=1,
                                   bias=False)
             net.maxpool = nn.Identity()
         self.feature_dim: int = net.fc.in_features
@@ -45,6 +52,23 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_dense(x).mean(dim=(2, 3))
+
+
+def _narrow(net: torchvision.models.ResNet, width: int) -> None:
+    """Rebuild `net`'s stem and stages with `width` channels in place of 64, initialised as torchvision initialises
+    its own (Kaiming-normal fan-out convolutions, BatchNorm at weight 1, bias 0)."""
+    block = type(net.layer1[0])
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.inplanes = width
+    for stage in range(4):  # layer1 keeps the stem's resolution, layer2-4 halve it
+        name = f"layer{stage + 1}"
+        blocks = len(getattr(net, name))
+        setattr(net, name, net._make_layer(block, width * 2**stage, blocks, stride=1 if stage == 0 else 2))
+    net.fc = nn.Linear(8 * width * block.expansion, net.fc.out_features)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
 def _vit(variant: str) -> Callable[..., nn.Module]:

@@ -1,7 +1,8 @@
 """An export (`teacher.pt`) in the formats other code reads without this repository.
 
     torchvision   ResNets: a state_dict that `torchvision.models.resnet18()` / `resnet50()` loads with strict=True
-                  (after the JSON's adaptation lines for the cifar/stride2 stems or in_channels != 3);
+                  (after the JSON's adaptation lines for the cifar/stride2 stems or in_channels != 3;
+                  torchvision's widths only);
                   ViTs: a state_dict for the matching timm model (needs the optional `timm`)
     torch.export  a `.pt2` ExportedProgram with a dynamic batch dimension: `torch.export.load(path).module()(x)`
     onnx          a `.onnx` graph with a dynamic batch axis (needs the exporter's `onnx` and `onnxscript`)
@@ -25,6 +26,7 @@ import torchvision
 from torch import nn
 
 from ssl.errors import UserError
+from ssl.models.backbones import TORCHVISION_WIDTH
 from ssl.models.vit import VisionTransformer
 
 # Our parameter names -> the library's (regex, replacement); names not matched are already the library's.
@@ -90,6 +92,10 @@ def write_torchvision(backbone: nn.Module, source: Path, directory: Path) -> lis
                  "other_sizes": "add dynamic_img_size=True: timm then resizes the position embeddings itself "
                                 "(bicubic with antialiasing, so slightly unlike ssl when shrinking them)"}
     else:
+        width = backbone.stem[0].out_channels
+        if width != TORCHVISION_WIDTH:
+            raise UserError(f"format=torchvision needs torchvision's channel widths (64 after the stem); this export "
+                            f"has width={width}: use format=torch.export or format=onnx; nothing written")
         library, kind, state = torchvision, "torchvision", torchvision_state_dict(backbone)
         imports = ["import torch", "import torchvision", "from torch import nn"]
         setup = torchvision_setup(backbone)
