@@ -18,7 +18,8 @@ Each model is scored by `ssl.linear_eval` (linear top-1, weighted kNN top-1 at k
 command; images/s is the mean over the run's logged intervals (metrics.jsonl). Writes a markdown table and JSON.
 
 This is a benchmark, not a test: at its defaults it runs for about an hour on a 2-core CPU. --reuse keeps what a
-previous run under --out finished (pretraining runs, the supervised reference, evaluation reports) and redoes the rest.
+previous run under --out finished (pretraining runs, the supervised reference, evaluation reports newer than the
+model they score) and redoes the rest.
 """
 
 import argparse
@@ -70,13 +71,20 @@ def random_export(source: Path, path: Path, seed: int = 0) -> Path:
     return save_downstream_export(path, backbone, backbone.export_meta, method="random", role="random", epoch=0)
 
 
+def up_to_date(report: Path, ckpt: Path, args: argparse.Namespace) -> bool:
+    """With --reuse, whether `report` exists and was written after `ckpt`: a model trained again (a rerun
+    pretraining, a supervised reference for a new number of epochs) is evaluated again."""
+    return args.reuse and report.is_file() and report.stat().st_mtime >= ckpt.stat().st_mtime
+
+
 def evaluate(ckpt: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Linear probe, kNN and mosaic segmentation of one export, each by its entry point (kept with --reuse)."""
+    """Linear probe, kNN and mosaic segmentation of one export, each by its entry point (kept with --reuse while
+    newer than the export)."""
     common = [f"ckpt={ckpt}", f"device={args.device}"]
     linear_json, segment_json = out / "linear_eval" / "linear_eval.json", out / "segment" / "segment.json"
-    if not (args.reuse and linear_json.is_file()):
+    if not up_to_date(linear_json, ckpt, args):
         run("ssl.linear_eval", *common, f"run_dir={linear_json.parent}", *args.eval_override)
-    if not (args.reuse and segment_json.is_file()):
+    if not up_to_date(segment_json, ckpt, args):
         run("ssl.segment", *common, f"run_dir={segment_json.parent}", *args.eval_override, *args.segment_override)
     linear, segment = json.loads(linear_json.read_text()), json.loads(segment_json.read_text())
     return {"linear top-1": linear["linear"]["top1"], "kNN20": linear["knn"]["k20_top1"],
@@ -93,7 +101,7 @@ def supervised(random: Path, epochs: int, out: Path, args: argparse.Namespace) -
 
 
 def architecture(export: Path) -> str:
-    """A folder name for an export's architecture, e.g. resnet18-in_channels1-stemimagenet."""
+    """A folder name for an export's architecture, e.g. resnet18-in_channels1-stemstride2-width32."""
     spec = load_backbone(export).export_meta["backbone"]
     return "-".join([spec["name"], *(f"{key}{value}" for key, value in sorted(spec["kwargs"].items()))])
 
@@ -109,7 +117,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for arch, methods in references.items():
         reference_dir = out / f"reference_{arch}"
-        random = random_export(out / methods[0] / "teacher.pt", reference_dir / "random.pt")
+        random = reference_dir / "random.pt"  # kept with --reuse: the folder names its architecture, seed 0 its weights
+        if not (args.reuse and random.is_file()):
+            random_export(out / methods[0] / "teacher.pt", random)
         epochs = max(training[method]["epochs"] for method in methods)
         scores = {("random", "reference"): evaluate(random, reference_dir / "eval_random", args),
                   (f"supervised, {epochs} epochs", "reference"): evaluate(
