@@ -26,9 +26,12 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 def two_process_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     # A small lr: float-level differences between one and two processes (reduction order) stay float-level. The
     # crop scale is pinned (byol_fmnist's own [0.5, 1] happens to draw, on this fixture, a second batch that
-    # amplifies them ~1000-fold within one step; 0.49 or 0.25 do not, so this is chaos, not a mismatch).
+    # amplifies them ~1000-fold within one step; 0.49 or 0.25 do not, so this is chaos, not a mismatch). So is the
+    # network, to the full-width imagenet stem: on byol_fmnist's half-width stride2 one the stem's weights differ by
+    # 1e-4 after two steps at lr 0.05 and by ~1e-7 at lr 0.005, a gap that scales with the lr like amplified noise.
     return tiny(data_root, run_dir, "trainer.epochs=1", "method.sync_batchnorm=true", "optim.lr=0.05",
-                "augment.base.crop_scale=[0.25,1.0]", *extra)
+                "augment.base.crop_scale=[0.25,1.0]", "backbone.kwargs.stem=imagenet", "backbone.kwargs.width=64",
+                *extra)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
