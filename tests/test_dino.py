@@ -231,9 +231,14 @@ def train_heads_on_clusters(optimizer: str, lr: float, weight_decay: float, opti
 
 
 def test_dino_fmnist_heads_find_the_clusters_without_collapsing():
-    # The recipe's head (BatchNorm) and optimiser (AdamW): each sample's target settles on one prototype
-    # (sample entropy -> 0) while the batch spreads over one prototype per cluster (batch entropy -> ln 8).
-    logs = train_heads_on_clusters("adamw", lr=5e-4, weight_decay=0.04, use_bn_in_head=True)
+    # The recipe's head (BatchNorm) and optimiser (AdamW at its lr per batch of 64): each sample's target settles on
+    # one prototype (sample entropy -> 0) while the batch spreads over one prototype per cluster (batch entropy ->
+    # ln 8).
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("pretrain", overrides=["+experiment=dino_fmnist"])
+    assert cfg.optim.name == "adamw" and cfg.method.kwargs.use_bn_in_head
+    lr = cfg.optim.lr * (cfg.data.batch_size / 256 if cfg.optim.scale_lr_by_batch else 1.0)
+    logs = train_heads_on_clusters("adamw", lr, cfg.optim.weight_decay, use_bn_in_head=True)
     assert logs["teacher_sample_entropy"] < 0.5
     assert abs(logs["teacher_batch_entropy"] - math.log(8)) < 0.4
 
