@@ -206,9 +206,10 @@ def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | 
     # ---- data: uint8 images resident on the device (or streamed from an image folder), views made per batch;
     # data.batch_size is the global batch, each rank takes its slice of every global batch
     dataset = build_dataset(cfg.data, cfg.data.pretrain_split)
-    loader = BatchLoader(dataset, cfg.data.batch_size // process.world_size, device, shuffle=True, drop_last=True,
-                         seed=cfg.seed, rank=process.rank, world_size=process.world_size)
     augmenter = ViewAugmenter.from_config(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.channels, cfg.seed)
+    # an image folder's workers cut each view from the whole image with the augmenter's crop boxes
+    loader = BatchLoader(dataset, cfg.data.batch_size // process.world_size, device, shuffle=True, drop_last=True,
+                         seed=cfg.seed, rank=process.rank, world_size=process.world_size, views=augmenter.views)
 
     # ---- model: backbone inside the method (student, teacher, heads) and an online linear probe
     backbone_kwargs = {"in_channels": cfg.data.channels, **OmegaConf.to_container(cfg.backbone.kwargs, resolve=True)}
@@ -262,10 +263,11 @@ def no_mark(phase: str) -> None:
     """Default phase marker: training does not time its phases (the throughput benchmark does)."""
 
 
-def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def train_step(run: Pretraining, forward: nn.Module, images: torch.Tensor | list[torch.Tensor], labels: torch.Tensor,
                indices: torch.Tensor, epoch: int, step: int,
                mark: Callable[[str], None] = no_mark) -> tuple[dict[str, torch.Tensor], float]:
-    """One optimiser step; returns what to log of it (0-dim tensors, left on the device) and the EMA decay applied.
+    """One optimiser step on `images` (a uint8 batch, or an image folder's views already cut: `BatchLoader`); returns
+    what to log of it (0-dim tensors, left on the device) and the EMA decay applied.
 
     `mark(phase)` is called as each phase ends ("augment", "forward_backward", "optimizer", "ema").
     """
@@ -323,7 +325,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: Resume | None, device: torch.
                 log_means.add(values)
                 epoch_means.add(values)
                 step += 1
-                images_since_log += images.shape[0]
+                images_since_log += len(indices)
                 if process.is_main:
                     logger.advance()
 

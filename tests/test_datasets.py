@@ -273,7 +273,7 @@ def test_image_folder_decodes_to_fixed_size_with_class_labels(tmp_path):
     train = build_dataset(config("imagefolder", tmp_path, image_size=24), "train")
     assert isinstance(train, FolderDataset) and len(train) == 3
     assert train.classes == ["cat", "dog"] and train.num_classes == 2 and train.labels.tolist() == [0, 0, 1]
-    image = train.decode(2)
+    image = train.eval_image(2)
     assert image.shape == (3, 24, 24) and image.dtype == torch.uint8
     assert image[:, 12, 12].tolist() == [40, 100, 200]
     test = build_dataset(config("imagefolder", tmp_path, image_size=24), "test_split")
@@ -291,7 +291,7 @@ def test_image_folder_problems_are_user_errors(tmp_path):
     (tmp_path / "train" / "dog" / "0.png").write_bytes(b"truncated")
     dataset = build_dataset(config("imagefolder", tmp_path), "train")
     with pytest.raises(UserError, match=r"cannot decode image .*dog/0\.png"):
-        dataset.decode(1)
+        dataset.eval_image(1)
 
 
 # --- configs --------------------------------------------------------------------------------------------

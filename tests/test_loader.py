@@ -81,7 +81,7 @@ def test_folder_batches_follow_the_same_rule_as_resident_ones(tmp_path):
         assert torch.equal(indices, expected_indices)
         assert images.shape == (3, 3, 4, 4) and images.dtype == torch.uint8
         assert torch.equal(labels, dataset.labels[indices])
-        assert torch.equal(images, torch.stack([dataset.decode(int(i)) for i in indices]))
+        assert torch.equal(images, torch.stack([dataset.eval_image(int(i)) for i in indices]))
 
 
 def test_folder_workers_decode_across_epochs_and_report_bad_images_in_one_line(tmp_path):

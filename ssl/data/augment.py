@@ -62,6 +62,9 @@ _DRAWS = {
     "blur": 2,
     "solarize": 1,
 }
+# Draw k of a key does not depend on how many are drawn: the crop's columns come first, so `crop_boxes` can draw
+# them alone.
+_CROP_DRAWS = _DRAWS["crop_area"] + _DRAWS["crop_ratio"] + _DRAWS["crop_position"]
 
 
 class JitterOp(IntEnum):
@@ -144,16 +147,19 @@ def sample_crop_boxes(
     u_area: Tensor,
     u_ratio: Tensor,
     u_position: Tensor,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> Tensor:
-    """Random resized crop boxes (B, 4) as (x0, y0, w, h) from uniforms (B, attempts), (B, attempts), (B, 2).
+    """Random resized crop boxes (B, 4) as (x0, y0, w, h) from uniforms (B, attempts), (B, attempts), (B, 2), for
+    images of one size (``height``, ``width`` ints) or of one size each (float or int tensors (B,)).
 
     Like torchvision: the first attempt whose box fits the image wins; if none fits, the largest central box
     with the aspect ratio clamped into ``ratio``.
     """
+    height = torch.as_tensor(height, dtype=torch.float32, device=u_area.device).reshape(-1, 1)
+    width = torch.as_tensor(width, dtype=torch.float32, device=u_area.device).reshape(-1, 1)
     target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_low + (log_high - log_low) * u_ratio)
@@ -165,17 +171,25 @@ def sample_crop_boxes(
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
 
-    fallback_w, fallback_h = float(width), float(height)
-    if width / height < ratio[0]:
-        fallback_h = width / ratio[0]
-    elif width / height > ratio[1]:
-        fallback_w = height * ratio[1]
+    height, width = height.squeeze(1), width.squeeze(1)
+    image_ratio = width / height
+    fallback_w = torch.where(image_ratio > ratio[1], height * ratio[1], width)
+    fallback_h = torch.where(image_ratio < ratio[0], width / ratio[0], height)
     w = torch.where(found, w, fallback_w)
     h = torch.where(found, h, fallback_h)
     position = torch.where(found[:, None], u_position, 0.5)
     x0 = position[:, 0] * (width - w)
     y0 = position[:, 1] * (height - h)
     return torch.stack([x0, y0, w, h], dim=1)
+
+
+def crop_boxes(recipe: "ViewRecipe", seed: int, epoch: int, view: int, indices: Tensor, height: int | Tensor,
+               width: int | Tensor) -> Tensor:
+    """The crop boxes (B, 4) of view ``view`` for samples ``indices``: the same numbers `ViewAugmenter` draws, so an
+    image folder's worker can cut the views from each whole image before the rest of the view is made."""
+    keys = counter_keys(indices, seed, epoch, view)
+    u_area, u_ratio, u_position = uniform(keys, _CROP_DRAWS).split(list(_DRAWS.values())[:3], dim=1)
+    return sample_crop_boxes(u_area, u_ratio, u_position, height, width, recipe.crop_scale, recipe.crop_ratio)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
@@ -368,32 +382,46 @@ class ViewAugmenter:
             solarize=draws["solarize"][:, 0] < recipe.solarize_prob,
         )
 
-    def __call__(self, images: Tensor, indices: Tensor, epoch: int) -> list[Tensor]:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(
-                f"expected uint8 images (B, {self.channels}, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
-        if indices.shape != images.shape[:1]:
-            raise ValueError(f"need one index per image, got {tuple(indices.shape)} for {images.shape[0]} images")
-        source = images.to(torch.float32).div_(255)
-        indices = indices.to(device=images.device, dtype=torch.int64)
-        height, width = images.shape[-2:]
+    def __call__(self, images: Tensor | Sequence[Tensor], indices: Tensor, epoch: int) -> list[Tensor]:
+        """Views of a batch: ``images`` uint8 (B, C, H, W), cropped here, or the views' crops already cut (an image
+        folder's workers do that from each whole image): one uint8 (B, C, size, size) per view, in view order."""
+        cropped = not isinstance(images, Tensor)
+        batches = list(images) if cropped else [images] * len(self.views)
+        if len(batches) != len(self.views):
+            raise ValueError(f"expected {len(self.views)} cropped views, got {len(batches)}")
+        for batch in batches if cropped else batches[:1]:
+            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != self.channels:
+                raise ValueError(
+                    f"expected uint8 images (B, {self.channels}, H, W), got {batch.dtype} {tuple(batch.shape)}"
+                )
+        if indices.shape != batches[0].shape[:1]:
+            raise ValueError(f"need one index per image, got {tuple(indices.shape)} for {batches[0].shape[0]} images")
+        indices = indices.to(device=batches[0].device, dtype=torch.int64)
+        source = None if cropped else images.to(torch.float32).div_(255)
+        height, width = batches[0].shape[-2:]
         views = []
-        for view, recipe in enumerate(self.views):
+        for view, (recipe, batch) in enumerate(zip(self.views, batches)):
+            if cropped and batch.shape[-2:] != (recipe.size, recipe.size):
+                raise ValueError(f"view {view} must be cropped to {recipe.size} px, got {tuple(batch.shape[-2:])}")
             params = self.sample_params(indices, epoch, view, height, width)
-            chunk = len(images)
-            if images.device.type == "cpu":
+            chunk = len(batch)
+            if batch.device.type == "cpu":
                 chunk = max(1, CPU_CHUNK_VALUES // (self.channels * recipe.size**2))
-            parts = [
-                self._render(source[start : start + chunk], params.select(start, start + chunk), recipe)
-                for start in range(0, len(images), chunk)
-            ]
+            parts = []
+            for start in range(0, len(batch), chunk):
+                part = params.select(start, start + chunk)
+                if cropped:
+                    crops = batch[start : start + chunk].to(torch.float32).div_(255)
+                    crops = torch.where(part.flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+                else:
+                    crops = resized_crop(source[start : start + chunk], part.boxes, part.flip, recipe.size)
+                parts.append(self._colour(crops, part, recipe))
             views.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         return views
 
-    def _render(self, source: Tensor, params: ViewParams, recipe: ViewRecipe) -> Tensor:
+    def _colour(self, views: Tensor, params: ViewParams, recipe: ViewRecipe) -> Tensor:
+        """Jitter, grayscale, blur, solarisation and normalisation of cropped float views in [0, 1]."""
         colour = self.channels == 3
-        views = resized_crop(source, params.boxes, params.flip, recipe.size)
         # Ops a recipe never draws are skipped outright: a static choice, so results stay per-sample.
         if recipe.jitter_prob > 0 and max(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue) > 0:
             views = color_jitter(views, params.jitter, params.jitter_order, with_hue=colour and recipe.hue > 0)

@@ -1,8 +1,9 @@
 """Datasets as uint8 tensors: small sets load once into memory, image folders decode per batch in workers.
 
 Resident sets (CIFAR-10/100, STL-10, Fashion-MNIST) are read from their original on-disk formats into one
-``ImageDataset``; image folders (custom data, ImageNet-style) become a ``FolderDataset`` that decodes images to a
-fixed size. Missing or corrupt data raises ``UserError`` naming what was looked for, where, and how to get it.
+``ImageDataset``; image folders (custom data, ImageNet-style) become a ``FolderDataset`` (`ssl.data.folder`) that
+cuts each view from the whole decoded image.
+Missing or corrupt data raises ``UserError`` naming what was looked for, where, and how to get it.
 """
 
 import functools
@@ -19,12 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision import datasets as tv_datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
+from ssl.data.folder import FolderDataset
 from ssl.errors import UserError, is_system_error, os_failure
 
 # Debian's dataset-fashion-mnist package (`make data`) installs the gzipped idx files here.
@@ -54,61 +53,6 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-class FolderDataset:
-    """An image folder (``root/<class>/<image>``) decoded on demand to uint8 (C, image_size, image_size).
-
-    Images are resized so the shorter side is ``image_size`` and centre-cropped square. ``num_workers`` is the
-    number of DataLoader processes ``BatchLoader`` decodes with.
-    """
-
-    def __init__(self, root: Path, image_size: int, channels: int, num_workers: int, name: str) -> None:
-        if not root.is_dir():
-            raise UserError(
-                f"image folder {root} not found: point data.root at a folder with train/ and val/ class folders, "
-                "or set data.train_path / data.test_path"
-            )
-        try:
-            classes, class_to_index = find_classes(str(root))
-            samples = make_dataset(str(root), class_to_index, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError as error:
-            raise UserError(
-                f"image folder {root}: {error}; it needs one sub-folder per class holding "
-                f"{'/'.join(IMG_EXTENSIONS)} images"
-            ) from None
-        except OSError as error:
-            raise os_failure(error) from None
-        self.root = root
-        self.paths = [path for path, _ in samples]
-        self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        self.classes = classes
-        self.num_classes = len(classes)
-        self.image_size = image_size
-        self.channels = channels
-        self.num_workers = num_workers
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def limit(self, count: int) -> None:
-        """Keep only the first ``count`` images."""
-        self.paths = self.paths[:count]
-        self.labels = self.labels[:count]
-
-    def decode(self, index: int) -> Tensor:
-        """Image ``index`` as uint8 (C, image_size, image_size)."""
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                image = ImageOps.fit(image, (self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            if is_system_error(error):  # the disk or a permission, not the image
-                raise os_failure(error, path) from None
-            raise UserError(f"cannot decode image {path} ({error}); delete or replace the file") from None
-        return pil_to_tensor(image)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,7 +282,8 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str) -> ImageDataset | Fol
             raise UserError(f"image folders have splits 'train' and 'test', not {split!r}; fix data.*_split")
         dataset = FolderDataset(
             _folder_path(data_cfg, split), data_cfg["image_size"], data_cfg["channels"], data_cfg["num_workers"],
-            name,
+            name, eval_crop_fraction=data_cfg.get("eval_crop_fraction", 0.875), decode=data_cfg.get("decode", "cpu"),
+            skip_bad_images=data_cfg.get("skip_bad_images", False),
         )  # fmt: skip
         expected = data_cfg.get("num_classes")
         if expected is not None and expected != dataset.num_classes:

@@ -65,7 +65,7 @@ def labelled_slice(dataset: ImageDataset | FolderDataset, count: int, what: str)
     count = min(count, len(labelled))
     indices = labelled[torch.arange(count) * len(labelled) // count]
     if isinstance(dataset, FolderDataset):
-        images = torch.stack([dataset.decode(int(index)) for index in indices])
+        images = torch.stack([dataset.eval_image(int(index)) for index in indices])
     else:
         images = dataset.images[indices]
     return images, dataset.labels[indices]
