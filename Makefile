@@ -63,6 +63,7 @@ DEVICE ?= cpu
 bench: install
 	$(PY) -m scripts.bench_ema --device $(DEVICE) --json bench/ema.json
 	$(PY) -m scripts.bench_augment --device $(DEVICE) --json bench/augment.json
+	$(PY) -m scripts.bench_folder --device $(DEVICE) --json bench/folder.json
 	$(PY) -m scripts.bench_pretrain --device $(DEVICE) --json bench/pretrain.json
 	$(PY) -m scripts.bench_linear_eval --device $(DEVICE) --json bench/linear_eval.json
 

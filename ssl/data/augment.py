@@ -23,9 +23,13 @@ a sample gets the same views whatever batch, batch position, batch size or proce
 One-channel data (Fashion-MNIST) keeps one channel: saturation, hue and grayscale need colour and are skipped;
 brightness, contrast, blur and solarisation apply as usual.
 
+Image folders cut step 1 in their DataLoader workers from each whole photo (``crop_boxes``, the same numbers;
+``ssl.data.folder``) and hand over one uint8 batch per view: steps 2-6 and the flip then run here as for resident
+data.
+
 Deviations from torchvision, all deliberate: continuous crop boxes instead of integer ones; no antialiasing
-when a crop is shrunk (crops here are at most ~1.5x the view size); a per-sample rather than per-batch jitter
-order.
+when a resident image's crop is shrunk (crops of 28-96 px data are at most ~1.5x the view size; folders resample
+with antialiasing); a per-sample rather than per-batch jitter order.
 """
 
 import math
