@@ -267,6 +267,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "folder.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":  # the cores the workers leave: more intra-op threads would only fight them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
 
     data = write_folder(args.root, args.images)
     print(f"{args.images} JPEGs in {args.root}: mean {data['mean_width']:.0f} x {data['mean_height']:.0f} px, "
