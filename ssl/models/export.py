@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl.checkpoint import atomic_save
 from ssl.errors import UserError, is_system_error, os_failure
+from ssl.files import atomic_save
 from ssl.models.backbones import build_backbone
 
 FORMAT = "ssl-backbone"
