@@ -12,17 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ssl.ema import EMA
 from ssl.errors import UserError, is_system_error, os_failure
 from ssl.files import atomic_save
-
-if TYPE_CHECKING:  # exports import this module: `ssl.load_backbone` need not load the training code
-    from ssl.ema import EMA
-    from ssl.train import Pretraining
+from ssl.models.export import export_payload, input_meta
 
 
 def kept_note(checkpoint_path: Path) -> str:
@@ -34,20 +32,23 @@ def kept_note(checkpoint_path: Path) -> str:
 # Saving and resuming
 
 
-def input_meta(data: Mapping[str, Any]) -> dict[str, Any]:
-    """What a backbone trained on the `data` config takes as input: the export's metadata that
-    `ssl.eval.preprocess.eval_inputs` turns uint8 images with."""
-    return {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
-            "std": list(data["std"])}
+class SavedRun(Protocol):
+    """What `save_checkpoint` reads of a run: an `ssl.train.Pretraining`, described here rather than imported
+    because the training loop imports this module."""
+
+    dataset: Any
+    method: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    steps_per_epoch: int
 
 
-def save_checkpoint(run_dir: Path, run: Pretraining, config: dict[str, Any], step: int, epoch: int,
+def save_checkpoint(run_dir: Path, run: SavedRun, config: dict[str, Any], step: int, epoch: int,
                     device: torch.device, wandb_id: str | None = None) -> None:
     """RUN_DIR/checkpoint.pt (weights, optimiser, EMA, RNG and step: all a bit-identical continuation needs, and the
     run's wandb id, which a resumed run continues) and the teacher and student exports of the same `epoch`: the
     three files are replaced together or not at all."""
-    from ssl.models.export import export_payload  # here, not above: ssl.models.export imports this module
-
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
     checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(),
                   "rng": rng, "step": step, "epoch": epoch, "steps_per_epoch": run.steps_per_epoch, "config": config,
