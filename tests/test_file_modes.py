@@ -4,20 +4,23 @@ file keeps its mode: exports must be readable by a teammate or a serving process
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from matplotlib.figure import Figure
 
+from scripts import plot_metrics
 from ssl.eval.cli import write_report
 from ssl.files import atomic_save, atomic_write, atomic_write_text
 from ssl.loggers import RunLogger
 from ssl.models import build_backbone, load_backbone, save_export
+from ssl.run_lock import LOCK_NAME, run_lock
 from ssl.visualize import write_figures
 
-# What `touch`, `open()` or a shell redirection give a new file under each umask.
-NEW_FILE_MODE = {0o022: 0o644, 0o077: 0o600}
+# What `touch`, `open()` or a shell redirection give a new file under each umask (002: a team sharing a group).
+NEW_FILE_MODE = {0o022: 0o644, 0o077: 0o600, 0o002: 0o664}
 
 
 @pytest.fixture(params=sorted(NEW_FILE_MODE), ids=lambda umask: f"umask{umask:03o}")
@@ -62,6 +65,15 @@ def test_report_metrics_and_picture_modes(tmp_path, umask):
     assert picture.read_bytes().startswith(b"\x89PNG")
     for path in (report, tmp_path / "metrics.jsonl", picture):
         assert mode(path) == NEW_FILE_MODE[umask], path.name
+
+
+def test_plotted_metrics_and_run_lock_modes(tmp_path, umask, monkeypatch, capsys):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["plot_metrics", str(tmp_path)])
+    plot_metrics.main()  # matplotlib writes the PNG itself
+    assert mode(tmp_path / "metrics.png") == NEW_FILE_MODE[umask]
+    with run_lock(tmp_path):
+        assert mode(tmp_path / LOCK_NAME) == NEW_FILE_MODE[umask]
 
 
 @pytest.mark.parametrize("kept", [0o600, 0o640, 0o664, 0o444], ids=lambda kept: f"mode{kept:o}")
