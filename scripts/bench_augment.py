@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ssl.data import ViewAugmenter, ViewRecipe
+from ssl.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,10 +157,9 @@ def main() -> None:
     for (name, where, *_), result in zip(rows, results):
         print(f"{name:<34}{where:<28}{result['images_per_s']:>10.0f}{result['speedup']:>8.1f}x")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         setup = {k: getattr(args, k) for k in ("data", "augment", "images", "batch_size", "workers")}
         report = {"setup": setup, "torch": torch.__version__, "platform": platform.platform(), "results": results}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

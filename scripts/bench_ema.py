@@ -30,6 +30,7 @@ import torchvision
 from torch import nn
 
 from ssl.ema import EMA, ema_model
+from ssl.files import atomic_write_text
 
 MODELS = ("resnet18", "resnet50", "vit_b_16")
 DECAY = 0.996
@@ -123,8 +124,7 @@ def main() -> None:
         "warmup": WARMUP,
         "repeats": args.repeats,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": environment, "results": rows}, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps({"environment": environment, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

@@ -31,6 +31,7 @@ from ssl.eval import cli
 from ssl.eval.features import AugmentedFeatures, extract_features
 from ssl.eval.linear import LinearProbe, ProbeConfig, fit_linear_probe
 from ssl.eval.metrics import topk_accuracy
+from ssl.files import atomic_write_text
 from ssl.models import build_backbone, load_backbone, save_export
 
 
@@ -120,8 +121,7 @@ def main() -> None:
         ckpt = Path(args.ckpt) if args.ckpt else random_export(Path(tmp) / "teacher.pt")
         result = bench(args, ckpt)
     print_table(result)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

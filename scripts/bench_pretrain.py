@@ -54,6 +54,7 @@ from torchvision.transforms import v2
 
 from scripts.bench_augment import torchvision_view
 from ssl.errors import UserError
+from ssl.files import atomic_write_text
 from ssl.train import Pretraining, build_pretraining, no_mark, train_step, wrap_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,8 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(), "data": data, "workers": args.workers,
         "reference_precision": args.reference_precision, "overrides": args.override,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": environment, "results": records}, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps({"environment": environment, "results": records}, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ssl.eval.cli import save_downstream_export
+from ssl.files import atomic_write_text
 from ssl.models import load_backbone
 from ssl.models.export import random_backbone
 
@@ -56,7 +57,7 @@ def pretrain(method: str, run_dir: Path, args: argparse.Namespace) -> dict[str, 
     if not (args.reuse and finished.is_file()):
         seconds = run("ssl.pretrain", f"+experiment={method}_fmnist", f"device={args.device}", "logger=none",
                       f"run_dir={run_dir}", *args.pretrain_override)
-        finished.write_text(f"{seconds}\n")
+        atomic_write_text(finished, f"{seconds}\n")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [record["images_per_s"] for record in records if "images_per_s" in record]
     epochs = max(record["epoch"] for record in records if record.get("type") == "epoch")
@@ -177,8 +178,7 @@ def main() -> None:
     table = markdown(result)
     print(table)
     for path, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, table)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        atomic_write_text(path, text)
     print(f"wrote {args.json} and {args.markdown}")
 
 

@@ -1,8 +1,7 @@
-"""Writing a run's files so that failures cannot damage them, and resuming only what fits the config.
+"""Saving a run so that failures cannot damage it, and resuming only what fits the config.
 
-Writes are atomic: a file on disk is either the old complete version or the new complete version, never half, and
-files written together (a checkpoint and its exports) are replaced together or not at all. An OS error (a full
-disk, a lost permission) leaves no temporary file behind and comes out as an `OSError` naming the file.
+The checkpoint and the two exports of the same epoch are written together through `ssl.files.atomic_save`: all
+three are replaced or none is, and an OS error names the file.
 
 Resuming reads the checkpoint's config first: values that decide what its tensors are (method, backbone, heads, data
 channels, image size, optimiser) must not change; everything else may, with a notice.
@@ -10,70 +9,18 @@ channels, image size, optimiser) must not change; everything else may, with a no
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ssl.errors import UserError, is_system_error, os_failure, with_path
-
-if TYPE_CHECKING:  # exports import this module: `ssl.load_backbone` need not load the training code
-    from ssl.ema import EMA
-    from ssl.train import Pretraining
-
-
-def atomic_write(writers: Mapping[str | os.PathLike, Callable[[BinaryIO], object]]) -> None:
-    """Call each writer on a temporary file beside its path and fsync it; once all are written, rename each over
-    its path. On any failure the temporary files are removed and every existing file is left as it was.
-
-    OS errors are raised as `OSError` naming the file being written: torch's zip writer buries a failed write under
-    its own second error, and a failed `write()` names no file.
-    """
-    staged: list[tuple[Path, Path]] = []  # (temporary, final)
-    target = Path()  # the file being written, then renamed: the one a failure is about
-    try:
-        for target, write in ((Path(path), write) for path, write in writers.items()):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            staged.append((Path(tmp), target))
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for tmp, target in staged:
-            os.replace(tmp, target)
-    except BaseException as error:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        cause = _os_error_in(error)
-        if cause is None:
-            raise
-        raise with_path(cause, target) from None
-
-
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OS error that `error` is or was raised while handling (only for `Exception`s: Ctrl-C stays Ctrl-C)."""
-    cause: BaseException | None = error
-    while isinstance(cause, Exception) and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    return cause if is_system_error(cause) else None
-
-
-def atomic_save(objects: Mapping[str | os.PathLike, Any]) -> None:
-    """`torch.save` each object to its path, all or none (see `atomic_write`)."""
-    atomic_write({path: partial(torch.save, obj) for path, obj in objects.items()})
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically."""
-    atomic_write({path: lambda handle: handle.write(text.encode())})
-    return Path(path)
+from ssl.ema import EMA
+from ssl.errors import UserError, is_system_error, os_failure
+from ssl.files import atomic_save
+from ssl.models.export import export_payload, input_meta
 
 
 def kept_note(checkpoint_path: Path) -> str:
@@ -85,20 +32,23 @@ def kept_note(checkpoint_path: Path) -> str:
 # Saving and resuming
 
 
-def input_meta(data: Mapping[str, Any]) -> dict[str, Any]:
-    """What a backbone trained on the `data` config takes as input: the export's metadata that
-    `ssl.eval.preprocess.eval_inputs` turns uint8 images with."""
-    return {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
-            "std": list(data["std"])}
+class SavedRun(Protocol):
+    """What `save_checkpoint` reads of a run: an `ssl.train.Pretraining`, described here rather than imported
+    because the training loop imports this module."""
+
+    dataset: Any
+    method: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    steps_per_epoch: int
 
 
-def save_checkpoint(run_dir: Path, run: Pretraining, config: dict[str, Any], step: int, epoch: int,
+def save_checkpoint(run_dir: Path, run: SavedRun, config: dict[str, Any], step: int, epoch: int,
                     device: torch.device, wandb_id: str | None = None) -> None:
     """RUN_DIR/checkpoint.pt (weights, optimiser, EMA, RNG and step: all a bit-identical continuation needs, and the
     run's wandb id, which a resumed run continues) and the teacher and student exports of the same `epoch`: the
     three files are replaced together or not at all."""
-    from ssl.models.export import export_payload  # here, not above: ssl.models.export imports this module
-
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
     checkpoint = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "ema": run.ema.state_dict(),
                   "rng": rng, "step": step, "epoch": epoch, "steps_per_epoch": run.steps_per_epoch, "config": config,

@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ssl.checkpoint import atomic_write_text
 from ssl.errors import UserError, with_path
+from ssl.files import atomic_write_text
 
 
 class RunLogger:

@@ -38,7 +38,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 def _acquire(path: Path) -> int | None:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open() creates files
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

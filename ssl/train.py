@@ -40,13 +40,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl.checkpoint import Resume, atomic_write_text, kept_note, resume_state, save_checkpoint
+from ssl.checkpoint import Resume, kept_note, resume_state, save_checkpoint
 from ssl.data import BatchLoader, ViewAugmenter, build_dataset
 from ssl.device import autocast, resolve_device
 from ssl.distributed import Process, all_reduce_mean, convert_sync_batchnorm, init_process, shutdown
 from ssl.ema import EMA
 from ssl.errors import UserError, os_failure
 from ssl.eval.knn_monitor import build_knn_monitor
+from ssl.files import atomic_write_text
 from ssl.loggers import RunLogger
 from ssl.methods import build_method
 from ssl.models import build_backbone

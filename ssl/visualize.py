@@ -32,12 +32,12 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ssl.checkpoint import atomic_write
 from ssl.device import autocast
 from ssl.errors import UserError, os_failure, run_cli
 from ssl.eval import cli
 from ssl.eval.features import extract_features
 from ssl.eval.preprocess import normalise, resize_center_crop
+from ssl.files import atomic_write
 from ssl.loggers import start_wandb
 from ssl.models.vit import VisionTransformer
 

@@ -12,11 +12,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ssl.checkpoint import atomic_write_text
 from ssl.data import BatchLoader, build_dataset
 from ssl.device import resolve_device
 from ssl.errors import UserError, os_failure
 from ssl.eval.preprocess import check_channels
+from ssl.files import atomic_write_text
 from ssl.models.export import META_KEYS, load_backbone, load_export, random_backbone, save_export
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

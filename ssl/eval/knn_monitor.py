@@ -18,12 +18,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ssl.checkpoint import input_meta
 from ssl.data import FolderDataset, ImageDataset, build_dataset
 from ssl.errors import UserError
 from ssl.eval.features import extract_features
 from ssl.eval.knn import knn_votes
 from ssl.eval.metrics import topk_accuracy
+from ssl.models.export import input_meta
 
 K, TEMPERATURE = 20, 0.07
 

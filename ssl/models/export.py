@@ -14,20 +14,28 @@ An export is a dict that `torch.load(path, weights_only=True)` reads, so no code
 
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl.checkpoint import atomic_save
 from ssl.errors import UserError, is_system_error, os_failure
+from ssl.files import atomic_save
 from ssl.models.backbones import build_backbone
 
 FORMAT = "ssl-backbone"
 FORMAT_VERSION = 1
 META_KEYS = ("backbone", "feature_dim", "input_size", "channels", "mean", "std", "dataset", "num_classes",
              "method", "role", "epoch")
+
+
+def input_meta(data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a backbone trained on the `data` config takes as input: the export's metadata that
+    `ssl.eval.preprocess.eval_inputs` turns uint8 images with."""
+    return {"input_size": data["image_size"], "channels": data["channels"], "mean": list(data["mean"]),
+            "std": list(data["std"])}
 
 
 def export_payload(backbone: nn.Module, **meta: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torchvision
 from torch import nn
 
 from ssl.errors import UserError
+from ssl.files import atomic_write_text
 from ssl.models.backbones import TORCHVISION_WIDTH
 from ssl.models.vit import VisionTransformer
 
@@ -221,5 +222,4 @@ def _description(backbone: nn.Module, source: Path, kind: str, path: Path, usage
 
 
 def _write_json(path: Path, description: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(description, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(description, indent=2) + "\n")
