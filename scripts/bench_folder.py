@@ -41,6 +41,7 @@ from torchvision import datasets, transforms
 
 from ssl.data import BatchLoader, ViewAugmenter, ViewRecipe
 from ssl.data.folder import FolderDataset
+from ssl.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as both papers normalise
@@ -99,7 +100,7 @@ def write_folder(root: Path, count: int, seed: int = 0) -> dict[str, Any]:
     info = {"recipe": recipe, "mean_width": float(np.mean(widths)), "mean_height": float(np.mean(heights)),
             "min_side": min(min(widths), min(heights)), "max_side": max(max(widths), max(heights)),
             "mean_kb": nbytes / count / 1024}
-    manifest.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(manifest, json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -299,8 +300,7 @@ def main() -> None:
                           "device": str(device)},
               "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
               "data": data, "rows": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 
