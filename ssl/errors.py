@@ -1,10 +1,11 @@
 """User-facing errors: bad input and failures of the machine (a full disk, a file where a folder should be) are
 reported as one line naming the problem and the fix, never a traceback."""
 
+import difflib
 import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,6 +63,20 @@ def _blocking_file(path: Path) -> Path | None:
         if candidate.exists():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def refuse_unknown_arguments(owner: str, given: Iterable[str], accepted: Iterable[str], settable_in: str) -> None:
+    """One line naming exactly the `given` names that `owner` does not take, each with the accepted name it is
+    closest to when one is close (a misspelling), and the names it does take, which `settable_in` may set."""
+    accepted = sorted(accepted)
+    refused = sorted(set(given) - set(accepted))
+    if not refused:
+        return
+    named = []
+    for name in refused:
+        close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.7)  # 0.6 offers width for depth
+        named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise UserError(f"{owner} does not take {', '.join(named)}; {settable_in} may set {', '.join(accepted)}")
 
 
 def run_cli(main: Callable[[], T]) -> T:

@@ -15,7 +15,7 @@ def vit_tiny() -> VisionTransformer:
 
 
 def test_variants_have_the_paper_widths():
-    small = VisionTransformer.from_variant("small", patch_size=16, image_size=224)
+    small = build_backbone("vit_small", patch_size=16, image_size=224)
     assert small.feature_dim == 384 and len(small.blocks) == 12 and small.blocks[0].attn.num_heads == 6
     assert small.pos_embed.shape == (1, 1 + 14 * 14, 384)
 

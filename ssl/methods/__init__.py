@@ -6,7 +6,7 @@ import inspect
 
 from torch import nn
 
-from ssl.errors import UserError
+from ssl.errors import UserError, refuse_unknown_arguments
 from ssl.methods.base import Method, MethodOutput
 
 METHODS = {"byol": "ssl.methods.byol:BYOL", "dino": "ssl.methods.dino:DINO"}
@@ -21,12 +21,16 @@ def build_method(name: str, backbone: nn.Module, epochs: int, **kwargs) -> Metho
         raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     module_name, class_name = METHODS[name].split(":")
     method_class = getattr(importlib.import_module(module_name), class_name)
-    if "epochs" in inspect.signature(method_class).parameters:
+    parameters = inspect.signature(method_class).parameters
+    # the backbone and the run's length come from the loop, not from method.kwargs
+    refuse_unknown_arguments(f"method {name!r}", kwargs, set(parameters) - {"backbone", "epochs"},
+                             settable_in="method.kwargs")
+    if "epochs" in parameters:
         kwargs["epochs"] = epochs
     try:
         return method_class(backbone, **kwargs)
-    except TypeError as error:
-        raise UserError(f"method {name!r} does not take these arguments {sorted(kwargs)}: {error}") from None
+    except TypeError as error:  # a value of the wrong type (the names were checked above)
+        raise UserError(f"method {name!r} cannot be built with {kwargs}: {error}") from None
 
 
 __all__ = ["METHODS", "Method", "MethodOutput", "build_method"]

@@ -4,13 +4,15 @@
 rebuilds the module from the file alone.
 """
 
-from collections.abc import Callable
+import inspect
+from functools import partial
 
 import torch
 import torchvision
 from torch import nn
 
-from ssl.errors import UserError
+from ssl.errors import UserError, refuse_unknown_arguments
+from ssl.models.vit import VARIANTS, VisionTransformer
 
 STEMS = ("imagenet", "cifar", "stride2")
 """ResNet stems, by how much they shrink the image before `layer1`:
@@ -71,30 +73,29 @@ def _narrow(net: torchvision.models.ResNet, width: int) -> None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
-def _vit(variant: str) -> Callable[..., nn.Module]:
-    def build(**kwargs) -> nn.Module:
-        from ssl.models.vit import VisionTransformer
-
-        return VisionTransformer.from_variant(variant, **kwargs)
-
-    return build
-
-
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": lambda **kwargs: ResNetBackbone(18, **kwargs),
-    "resnet50": lambda **kwargs: ResNetBackbone(50, **kwargs),
-    "vit_tiny": _vit("tiny"),
-    "vit_small": _vit("small"),
+# Each name fixes the architecture (ResNet depth; ViT width, depth, heads); the rest are the backbone's arguments.
+BACKBONES: dict[str, partial[nn.Module]] = {
+    "resnet18": partial(ResNetBackbone, 18),
+    "resnet50": partial(ResNetBackbone, 50),
+    "vit_tiny": partial(VisionTransformer, **VARIANTS["tiny"]),
+    "vit_small": partial(VisionTransformer, **VARIANTS["small"]),
 }
 
 
+def backbone_arguments(name: str) -> list[str]:
+    """The keyword arguments backbone `name` takes (`in_channels`, `stem`, ...): not those its name fixes."""
+    builder = BACKBONES[name]
+    return [arg for arg in inspect.signature(builder).parameters if arg not in builder.keywords]
+
+
 def build_backbone(name: str, **kwargs) -> nn.Module:
-    """Build backbone `name` (one of `BACKBONES`) with its keyword arguments (`in_channels`, `stem`, ...)."""
+    """Build backbone `name` (one of `BACKBONES`) with its keyword arguments (`backbone_arguments(name)`)."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    refuse_unknown_arguments(f"backbone {name!r}", kwargs, backbone_arguments(name), settable_in="backbone.kwargs")
     try:
         backbone = BACKBONES[name](**kwargs)
-    except TypeError as error:
-        raise UserError(f"backbone {name!r} does not take these arguments {sorted(kwargs)}: {error}") from None
+    except TypeError as error:  # a value of the wrong type (the names were checked above)
+        raise UserError(f"backbone {name!r} cannot be built with {kwargs}: {error}") from None
     backbone.spec = {"name": name, "kwargs": dict(kwargs)}
     return backbone

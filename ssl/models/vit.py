@@ -72,8 +72,10 @@ class VisionTransformer(nn.Module):
         if dim % num_heads:
             raise UserError(f"ViT width {dim} is not divisible by its {num_heads} heads")
         if image_size % patch_size:
-            raise UserError(f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
-                            "pick a patch_size that divides it (4 for 32 px, 16 for 224 px)")
+            divisors = [str(size) for size in range(2, image_size // 2 + 1) if image_size % size == 0]
+            fix = (f"backbone.kwargs.patch_size to one of {', '.join(divisors)} (4 for 32 px, 16 for 224 px)"
+                   if divisors else f"data.image_size to a multiple of {patch_size}")
+            raise UserError(f"ViT patch_size {patch_size} does not divide image_size {image_size}: set {fix}")
         self.feature_dim: int = dim
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -85,13 +87,6 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_weights)
-
-    @classmethod
-    def from_variant(cls, variant: str, **kwargs) -> "VisionTransformer":
-        """Build `variant` ("tiny": 192 wide, 3 heads; "small": 384 wide, 6 heads; both 12 deep)."""
-        if variant not in VARIANTS:
-            raise UserError(f"unknown ViT variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-        return cls(**VARIANTS[variant], **kwargs)
 
     def position_embedding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, 1 + height * width, D) for a height x width patch grid."""
