@@ -3,11 +3,29 @@ solo-learn's methods/base.py, utils/lr_scheduler.py and utils/momentum.py, deepm
 each expectation here is written from the papers' formulas and those sources' documented behaviour, independently
 of the code under test."""
 
+import math
+
 import pytest
 import torch
 
 from ssl.methods import build_method
 from ssl.models.vit import VisionTransformer
+from ssl.optim import cosine_schedule
+
+
+def dino_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                  warmup_start: float = 0.0) -> list[float]:
+    """main_dino.py's schedules (utils.cosine_scheduler), one step at a time: the warm-up is np.linspace(start, base,
+    W), i.e. start + (base - start) k / (W - 1), then final + (base - final) (1 + cos(pi k / n)) / 2 over the n steps
+    after it. solo-learn's LinearWarmupCosineAnnealingLR stepped per optimiser step has the same closed form."""
+    values = []
+    for step in range(total_steps):
+        if step < warmup_steps:
+            values.append(warmup_start + (base - warmup_start) * (step / (warmup_steps - 1) if warmup_steps > 1 else 0))
+        else:
+            k, n = step - warmup_steps, total_steps - warmup_steps
+            values.append(final + (base - final) * (1 + math.cos(math.pi * k / n)) / 2)
+    return values
 
 
 @pytest.mark.parametrize("method_name", ["dino", "byol"])
@@ -25,3 +43,10 @@ def test_teacher_targets_are_deterministic_in_training_mode(method_name):
         assert torch.equal(first, second)
         # the student keeps its stochastic depth
         assert not torch.equal(method.student.backbone(images), method.student.backbone(images))
+
+
+@pytest.mark.parametrize("total_steps, warmup_steps", [(91, 26), (40, 0), (7, 1), (12, 11)])
+@pytest.mark.parametrize("warmup_start", [0.0, 3e-5])  # DINO's start, solo-learn's default warmup_start_lr
+def test_cosine_schedule_is_dinos_and_solo_learns(total_steps, warmup_steps, warmup_start):
+    ours = cosine_schedule(2e-3, 1e-6, total_steps, warmup_steps, warmup_start).tolist()
+    assert ours == pytest.approx(dino_schedule(2e-3, 1e-6, total_steps, warmup_steps, warmup_start), rel=1e-12)
