@@ -204,11 +204,11 @@ def base_learning_rate(cfg: DictConfig) -> float:
 def step_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[list[float], list[float], list[float]]:
     """The learning rate, weight decay and teacher momentum of every optimiser step, each a `cosine_schedule`
     as main_dino.py builds them: the lr warmed up over `trainer.warmup_epochs` to `base_learning_rate(cfg)`, then
-    towards `optim.final_lr` (scaled like `optim.lr`); the weight decay from `optim.weight_decay` to
+    towards `optim.final_lr` as given (not scaled by the batch size: DINO's `--min_lr` and solo-learn's
+    `scheduler.min_lr` are not); the weight decay from `optim.weight_decay` to
     `optim.weight_decay_end`; the momentum from `method.ema.base` to `method.ema.end`."""
     total_steps = cfg.trainer.epochs * steps_per_epoch
-    base_lr = base_learning_rate(cfg)
-    lr = cosine_schedule(base_lr, cfg.optim.final_lr * base_lr / cfg.optim.lr, total_steps,
+    lr = cosine_schedule(base_learning_rate(cfg), cfg.optim.final_lr, total_steps,
                          cfg.trainer.warmup_epochs * steps_per_epoch)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     wd = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps)

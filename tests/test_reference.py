@@ -4,13 +4,24 @@ each expectation here is written from the papers' formulas and those sources' do
 of the code under test."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from ssl.methods import build_method
 from ssl.models.vit import VisionTransformer
 from ssl.optim import cosine_schedule
+from ssl.train import base_learning_rate, step_schedules
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def recipe(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return compose("pretrain", overrides=[f"+experiment={name}", *overrides])
 
 
 def dino_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -50,3 +61,25 @@ def test_teacher_targets_are_deterministic_in_training_mode(method_name):
 def test_cosine_schedule_is_dinos_and_solo_learns(total_steps, warmup_steps, warmup_start):
     ours = cosine_schedule(2e-3, 1e-6, total_steps, warmup_steps, warmup_start).tolist()
     assert ours == pytest.approx(dino_schedule(2e-3, 1e-6, total_steps, warmup_steps, warmup_start), rel=1e-12)
+
+
+def test_dino_imagenet_schedules_are_the_papers_run():
+    # main_dino.py for ViT-S/16 at batch 1024: lr 5e-4 x 1024 / 256 warmed up over 10 epochs, cosine to --min_lr 1e-6
+    # (not scaled by the batch), weight decay 0.04 -> 0.4, teacher momentum 0.996 -> 1, 100 epochs. The recipe's
+    # comment says the same; its lr used to end at 4e-6 because final_lr was scaled like lr.
+    steps_per_epoch = 3
+    lr, wd, momentum = step_schedules(recipe("dino_imagenet"), steps_per_epoch)
+    total = 100 * steps_per_epoch
+    assert lr == pytest.approx(dino_schedule(5e-4 * 1024 / 256, 1e-6, total, 10 * steps_per_epoch), rel=1e-12)
+    assert wd == pytest.approx(dino_schedule(0.04, 0.4, total), rel=1e-12)
+    assert momentum == pytest.approx(dino_schedule(0.996, 1.0, total), rel=1e-12)
+    assert 1e-6 < lr[-1] < 1.1e-6  # the last cosine step, just short of min_lr (4.1e-6 when it was scaled)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_recipe_ends_its_lr_at_its_final_lr_whatever_the_batch(name):
+    for batch_size in (64, 512):
+        cfg = recipe(name, f"data.batch_size={batch_size}", "trainer.epochs=20", "trainer.warmup_epochs=2")
+        lr = step_schedules(cfg, steps_per_epoch=4)[0]
+        expected = dino_schedule(base_learning_rate(cfg), cfg.optim.final_lr, 80, 8)
+        assert lr == pytest.approx(expected, rel=1e-12)
