@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import nn
 
 from ssl.methods import build_method
+from ssl.models import build_backbone
+from ssl.models.formats import torchvision_state_dict
 from ssl.models.vit import VisionTransformer
 from ssl.optim import cosine_schedule
 from ssl.train import base_learning_rate, step_schedules
@@ -83,3 +88,25 @@ def test_every_recipe_ends_its_lr_at_its_final_lr_whatever_the_batch(name):
         lr = step_schedules(cfg, steps_per_epoch=4)[0]
         expected = dino_schedule(base_learning_rate(cfg), cfg.optim.final_lr, 80, 8)
         assert lr == pytest.approx(expected, rel=1e-12)
+
+
+def solo_learn_cifar_resnet18() -> nn.Module:
+    """solo-learn's CIFAR backbone as its solo/methods/base.py documents it: torchvision's resnet18 with conv1 replaced
+    by a 3x3 stride-1 convolution padded by 2 (no bias), the max-pool and the classifier removed."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    return net
+
+
+@pytest.mark.parametrize("name", ["byol_cifar", "byol_cifar100", "dino_cifar"])
+def test_solo_learn_recipes_build_solo_learns_cifar_resnet(name):
+    cfg = recipe(name)
+    torch.manual_seed(0)
+    ours = build_backbone(cfg.backbone.name, in_channels=3, **OmegaConf.to_container(cfg.backbone.kwargs)).eval()
+    theirs = solo_learn_cifar_resnet18().eval()
+    theirs.load_state_dict({k: v for k, v in torchvision_state_dict(ours).items() if not k.startswith("fc.")})
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images), rtol=0, atol=1e-5)
+        assert ours.forward_dense(images).shape == (2, 512, 5, 5)  # 32 px -> 34 x 34 after the stem
