@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -110,3 +111,24 @@ def test_solo_learn_recipes_build_solo_learns_cifar_resnet(name):
     with torch.no_grad():
         torch.testing.assert_close(ours(images), theirs(images), rtol=0, atol=1e-5)
         assert ours.forward_dense(images).shape == (2, 512, 5, 5)  # 32 px -> 34 x 34 after the stem
+
+
+def dino_position_embedding(pos_embed: torch.Tensor, grid: int, height: int, width: int) -> torch.Tensor:
+    """DINO's vision_transformer.py interpolate_pos_encoding: the learned embeddings unchanged at the training grid,
+    else the patch part resized bicubically by the scale factors (h + 0.1) / grid and (w + 0.1) / grid."""
+    if (height, width) == (grid, grid):
+        return pos_embed
+    patch = pos_embed[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((height + 0.1) / grid, (width + 0.1) / grid), mode="bicubic")
+    return torch.cat((pos_embed[:, :1], patch.flatten(2).transpose(1, 2)), dim=1)
+
+
+def test_position_embeddings_are_dinos_at_the_training_grid_only():
+    # The deliberate difference the README and ssl/models/vit.py state: off the training grid we resize to the exact
+    # grid, DINO by a scale factor with a +0.1 offset (the same output size, other sampling positions).
+    torch.manual_seed(0)
+    vit = VisionTransformer(dim=32, depth=1, num_heads=2, patch_size=16, image_size=224)
+    with torch.no_grad():
+        assert torch.equal(vit.position_embedding(14, 14), dino_position_embedding(vit.pos_embed, 14, 14, 14))
+        ours, dinos = vit.position_embedding(6, 6), dino_position_embedding(vit.pos_embed, 14, 6, 6)
+    assert ours.shape == dinos.shape == (1, 1 + 36, 32) and not torch.allclose(ours, dinos, atol=1e-4)
