@@ -235,7 +235,7 @@ def reference_dino_step(cfg, before, views: list[torch.Tensor], epoch: int, step
 
 @pytest.mark.parametrize("epoch, step", [(0, 2), (1, 6)])  # warm-up, prototypes frozen; then neither
 def test_one_dino_step_equals_main_dino(tmp_path, epoch, step):
-    overrides = ["backbone=vit_tiny", "backbone.kwargs.patch_size=4", "backbone.kwargs.drop_path_rate=0.1",
+    overrides = ["backbone=vit_tiny", "backbone.kwargs.patch_size=7", "backbone.kwargs.drop_path_rate=0.1",
                  "augment.local_crops=2", "method.kwargs.out_dim=64", "method.kwargs.hidden_dim=32",
                  "method.kwargs.bottleneck_dim=16", "method.kwargs.use_bn_in_head=false",
                  "method.kwargs.norm_last_layer=false", "method.kwargs.freeze_last_layer=1",
