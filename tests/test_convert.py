@@ -263,6 +263,13 @@ def test_bad_file_is_one_error_line_and_writes_nothing(tmp_path, capsys, kind):
     assert not (tmp_path / "marker").exists()
 
 
+def test_backbone_name_is_checked_against_the_shapes(tmp_path, capsys):
+    torch.save(resnet18_state(), tmp_path / "resnet18.pth")
+    line = failure(capsys, tmp_path / "resnet18.pth", "backbone=resnet50")
+    assert "holds a resnet18 (resnet18 with in_channels=3, stem=imagenet, width=64), not a resnet50" in line
+    assert convert(capsys, tmp_path / "resnet18.pth", "backbone=resnet18").exists()
+
+
 def test_existing_out_is_kept(tmp_path, capsys):
     torch.save(resnet18_state(), tmp_path / "resnet18.pth")
     (tmp_path / "teacher.pt").write_bytes(b"a run's export")
