@@ -20,8 +20,8 @@ Two ways in, like timm's ``ModelEmaV3`` and DINO's loop:
 - ``ema_model(teacher, student, decay)`` matches and groups on every call (nothing is cached);
 - ``EMA(teacher, student, decays)`` matches once, keeps the groups and applies ``decays[step]`` at each
   ``update()``. The decays are an array precomputed per step, like the lr and weight decay:
-  ``ssl.optim.cosine_schedule(base, end, total_steps, final_at_last_step=True)`` is BYOL's (and DINO's) teacher
-  momentum, ``end - (end - base) * (cos(pi * k / K) + 1) / 2`` at step k with K = total_steps - 1.
+  ``ssl.optim.cosine_schedule(base, end, total_steps)`` is DINO's, BYOL's and solo-learn's teacher momentum,
+  ``end - (end - base) * (cos(pi * k / T) + 1) / 2`` at step k of T.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class EMA:
 
     Typical use (``ssl.train``)::
 
-        decays = cosine_schedule(0.996, 1.0, total_steps, final_at_last_step=True).tolist()
+        decays = cosine_schedule(0.996, 1.0, total_steps).tolist()
         ema = EMA(method.teacher, method.student, decays, buffers="keep")
         for batch in loader:
             train_step(...)

@@ -30,22 +30,24 @@ def param_groups(
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0, final_at_last_step: bool = False) -> torch.Tensor:
-    """Per-step values: linear warm-up from `warmup_start` to `base`, then cosine from `base` to `final`.
+                    warmup_start: float = 0.0) -> torch.Tensor:
+    """Per-step values: a linear warm-up from `warmup_start` to `base`, then a cosine from `base` towards `final`.
 
-    Over the n = total_steps - warmup_steps cosine steps k = 0 .. n-1 the value is
-    `final + (base - final) * (1 + cos(pi * k / K)) / 2`. K = n by default (DINO's `cosine_scheduler`, used for lr
-    and wd: the last step stays just short of `final`); `final_at_last_step=True` takes K = n - 1, so the last step
-    is exactly `final` (BYOL's teacher momentum, `end - (end - base) * (cos(pi * k / K) + 1) / 2`; a single step is
-    `final`). A warm-up longer than the run is cut short (a 1-epoch smoke run of a recipe with 10 warm-up epochs).
+    DINO's `utils.cosine_scheduler`, step for step (solo-learn's `LinearWarmupCosineAnnealingLR` stepped per
+    optimiser step gives the same values). Over the W warm-up steps k = 0 .. W-1 the value is
+    `warmup_start + (base - warmup_start) * k / (W - 1)` (np.linspace: the first step is `warmup_start`, the last
+    `base`); over the n = total_steps - W steps after it, k = 0 .. n-1, it is
+    `final + (base - final) * (1 + cos(pi * k / n)) / 2`, so the last step stays just short of `final`. The same
+    form serves the lr, the weight decay and the teacher's momentum: DINO, solo-learn and deepmind's BYOL all run
+    the momentum cosine over every step (tau_k = 1 - (1 - base) (1 + cos(pi k / T)) / 2 for end 1, never exactly
+    1). A warm-up longer than the run is cut short to the run (a 1-epoch smoke run of a recipe with 10 warm-up
+    epochs still reaches `base` at its last step).
     """
     warmup_steps = min(warmup_steps, total_steps)
-    warmup = torch.linspace(warmup_start, base, warmup_steps + 1, dtype=torch.float64)[1:]
+    warmup = torch.linspace(warmup_start, base, warmup_steps, dtype=torch.float64)
     steps = torch.arange(total_steps - warmup_steps, dtype=torch.float64)
-    span = len(steps) - 1 if final_at_last_step else len(steps)
-    angle = math.pi * steps / span if span > 0 else torch.full_like(steps, math.pi)
-    cosine = final + 0.5 * (base - final) * (1 + torch.cos(angle))
-    return torch.cat([warmup, cosine])[:total_steps]
+    cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * steps / max(len(steps), 1)))
+    return torch.cat([warmup, cosine])
 
 
 class LARS(torch.optim.Optimizer):

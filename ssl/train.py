@@ -196,6 +196,27 @@ class Pretraining:
     grad_clip: float | None
 
 
+def base_learning_rate(cfg: DictConfig) -> float:
+    """`optim.lr`, times the global batch / 256 when `optim.scale_lr_by_batch` (the linear scaling rule of DINO,
+    BYOL and solo-learn)."""
+    return cfg.optim.lr * (cfg.data.batch_size / 256 if cfg.optim.scale_lr_by_batch else 1.0)
+
+
+def step_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[list[float], list[float], list[float]]:
+    """The learning rate, weight decay and teacher momentum of every optimiser step, each a `cosine_schedule`
+    as main_dino.py builds them: the lr warmed up over `trainer.warmup_epochs` to `base_learning_rate(cfg)`, then
+    towards `optim.final_lr` as given (not scaled by the batch size: DINO's `--min_lr` and solo-learn's
+    `scheduler.min_lr` are not); the weight decay from `optim.weight_decay` to
+    `optim.weight_decay_end`; the momentum from `method.ema.base` to `method.ema.end`."""
+    total_steps = cfg.trainer.epochs * steps_per_epoch
+    lr = cosine_schedule(base_learning_rate(cfg), cfg.optim.final_lr, total_steps,
+                         cfg.trainer.warmup_epochs * steps_per_epoch)
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    wd = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps)
+    momentum = cosine_schedule(cfg.method.ema.base, cfg.method.ema.end, total_steps)
+    return lr.tolist(), wd.tolist(), momentum.tolist()
+
+
 def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | None = None) -> Pretraining:
     """Data, views, model, optimiser, schedules and EMA for `cfg`, on `device`, for this process's shard."""
     process = process or Process()
@@ -226,21 +247,14 @@ def build_pretraining(cfg: DictConfig, device: torch.device, process: Process | 
 
     # ---- schedules: one value per optimiser step
     steps_per_epoch = len(loader)
-    total_steps = cfg.trainer.epochs * steps_per_epoch
-    base_lr = cfg.optim.lr * (cfg.data.batch_size / 256 if cfg.optim.scale_lr_by_batch else 1.0)  # global batch
-    lr_schedule = cosine_schedule(base_lr, cfg.optim.final_lr * base_lr / cfg.optim.lr, total_steps,
-                                  cfg.trainer.warmup_epochs * steps_per_epoch).tolist()
-    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-    wd_schedule = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps).tolist()
+    base_lr = base_learning_rate(cfg)
+    lr_schedule, wd_schedule, ema_decays = step_schedules(cfg, steps_per_epoch)
 
     groups = param_groups((n, p) for n, p in method.named_parameters() if not n.startswith("teacher."))
     groups.append({"params": list(model.probe.parameters()), "lr_scale": cfg.optim.probe_lr / base_lr,
                    "wd_scale": 0.0, "lars_exclude": True})
     optimizer = build_optimizer(cfg.optim.name, groups, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                 **OmegaConf.to_container(cfg.optim.kwargs, resolve=True))
-    # the teacher's momentum: the same cosine, from base to exactly end at the last step (BYOL's schedule)
-    ema_decays = cosine_schedule(cfg.method.ema.base, cfg.method.ema.end, total_steps,
-                                 final_at_last_step=True).tolist()
     ema = EMA(method.teacher, method.student, ema_decays, buffers=cfg.method.ema.buffers)
     return Pretraining(dataset, loader, augmenter, method, model, optimizer, ema, lr_schedule, wd_schedule,
                        steps_per_epoch, channels_last, autocast(device, cfg.trainer.precision == "bf16"),

@@ -214,7 +214,7 @@ def train_heads_on_clusters(optimizer: str, lr: float, weight_decay: float, opti
     opt = build_optimizer(optimizer, param_groups(method.student.named_parameters()), lr=lr,
                           weight_decay=weight_decay, **(optimizer_kwargs or {}))
     lrs = cosine_schedule(lr, 0.0, steps, warmup_steps=steps // 10).tolist()
-    ema = EMA(method.teacher, method.student, cosine_schedule(ema_base, 1.0, steps, final_at_last_step=True),
+    ema = EMA(method.teacher, method.student, cosine_schedule(ema_base, 1.0, steps),
               buffers="keep")
     for step in range(steps):
         for group in opt.param_groups:

@@ -1,5 +1,5 @@
 """ssl.ema: the in-place EMA update (hand-computed values), the EMA class that owns its tensor groups, and the
-teacher momentum from ssl.optim.cosine_schedule (equal to BYOL's cosine)."""
+teacher momentum from ssl.optim.cosine_schedule (equal to BYOL's and DINO's cosine)."""
 
 import copy
 import math
@@ -353,28 +353,25 @@ def test_ema_cpu_teacher_follows_cuda_student():
 # --------------------------------------------------------------------------------------------- the momentum
 
 
-def byol_cosine(step: int, base: float, end: float, last_step: int) -> float:
-    """The schedule ssl.ema had before the momentum became a cosine_schedule array (BYOL's)."""
-    if step >= last_step:
-        return end
-    return end - (end - base) * (math.cos(math.pi * step / last_step) + 1.0) / 2.0
+def byol_cosine(step: int, base: float, end: float, total_steps: int) -> float:
+    """deepmind's byol/utils/schedules.py target_ema (and solo-learn's MomentumUpdater.update_tau): the cosine runs
+    over all `total_steps`, so the last step stays just below `end`."""
+    return end - (end - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
 
 
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 11, 100, 3907])
 @pytest.mark.parametrize(("base", "end"), [(0.996, 1.0), (0.99, 1.0), (0.9995, 1.0), (0.5, 0.9)])
 def test_momentum_array_equals_byol_cosine(total_steps, base, end):
-    decays = cosine_schedule(base, end, total_steps, final_at_last_step=True).tolist()
-    expected = [byol_cosine(k, base, end, total_steps - 1) for k in range(total_steps)]
+    decays = cosine_schedule(base, end, total_steps).tolist()
+    expected = [byol_cosine(k, base, end, total_steps) for k in range(total_steps)]
     assert decays == pytest.approx(expected, rel=0, abs=1e-15)
-    assert decays[-1] == end  # exactly end at the last step (K = 0: the only step)
+    assert decays[0] == base and decays[-1] < end
 
 
 def test_momentum_hand_computed_values():
-    decays = cosine_schedule(0.996, 1.0, 101, final_at_last_step=True).tolist()
+    decays = cosine_schedule(0.996, 1.0, 100).tolist()
     assert decays[0] == pytest.approx(0.996, abs=1e-15)
     assert decays[50] == pytest.approx(0.998, abs=1e-15)  # cos(pi / 2) = 0
     assert decays[25] == pytest.approx(1 - 0.004 * (1 + 0.5**0.5) / 2, abs=1e-15)
-    assert decays[100] == 1.0
-    assert cosine_schedule(0.99, 1.0, 1, final_at_last_step=True).tolist() == [1.0]
-    # The lr/wd form (DINO's cosine_scheduler) stops one step short of final.
-    assert cosine_schedule(0.996, 1.0, 101).tolist()[100] < 1.0
+    assert decays[99] == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * 99 / 100)) / 2, abs=1e-15)
+    assert cosine_schedule(0.99, 1.0, 1).tolist() == [0.99]

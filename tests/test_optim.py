@@ -39,7 +39,7 @@ def test_lars_momentum_accumulates():
 def test_cosine_schedule_end_points():
     values = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=2)
     assert len(values) == 10
-    assert values[:2].tolist() == pytest.approx([0.5, 1.0])
+    assert values[:2].tolist() == pytest.approx([0.0, 1.0])  # DINO's np.linspace(0, base, W)
     cosine = values[2:]
     assert cosine[0] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(cosine, cosine[1:]))
@@ -47,7 +47,7 @@ def test_cosine_schedule_end_points():
 
 
 def test_warmup_longer_than_the_run_is_cut_short():
-    assert cosine_schedule(1.0, 0.0, total_steps=3, warmup_steps=10).tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert cosine_schedule(1.0, 0.0, total_steps=3, warmup_steps=10).tolist() == pytest.approx([0.0, 0.5, 1.0])
 
 
 def test_bias_and_norm_are_excluded():

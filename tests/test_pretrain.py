@@ -3,6 +3,7 @@ that matters (the finished run the tests share, a Ctrl-C, nothing but one error 
 the same entry point (`tests.fixtures.run_module`)."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_run_writes_config_metrics_checkpoint_and_exports(data_root, finished, c
     steps = [r for r in records if r.get("type") != "epoch"]
     assert [r["step"] for r in steps] == list(range(1, 19))  # 96 images / 16 = 6 steps x 3 epochs
     assert {"loss", "lr", "tau", "probe_acc", "images_per_s"} <= steps[0].keys()
-    assert steps[-1]["tau"] == pytest.approx(1.0)  # BYOL's cosine reaches tau_end on the last step
+    # BYOL's cosine over all 18 steps from byol_fmnist's 0.96: the last step is just short of 1
+    assert steps[-1]["tau"] == pytest.approx(1 - 0.04 * (1 + math.cos(math.pi * 17 / 18)) / 2)
     assert [r["epoch"] for r in records if r.get("type") == "epoch"] == [1, 2, 3]
 
     export = torch.load(run / "teacher.pt", weights_only=True)

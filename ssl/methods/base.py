@@ -1,9 +1,11 @@
 """What every method is to the shared training loop, and what it returns to it."""
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 
 @dataclass
@@ -31,3 +33,17 @@ class Method(nn.Module):
 
     def before_optimizer_step(self, epoch: int) -> None:
         """Called by the loop after `backward()`, before the optimiser step (DINO: freeze, clip); nothing here."""
+
+
+def teacher_copy(student: nn.ModuleDict) -> nn.ModuleDict:
+    """The teacher: a deep copy of `student` without gradients and without stochastic depth.
+
+    The teacher's outputs are targets, so they must be a function of its weights alone. The official DINO code
+    builds its teacher ViT with drop path 0 while the student keeps its rate; a plain deep copy would keep the
+    student's DropPath layers, which stay active because the whole method runs in training mode.
+    """
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    for module in teacher.modules():
+        if isinstance(module, StochasticDepth):
+            module.p = 0.0
+    return teacher

@@ -2,19 +2,18 @@
 
 student = backbone + projector, trained by gradient descent, with a predictor on top.
 teacher = backbone + projector, an exponential moving average of the student (`ssl.ema`, BYOL's cosine
-schedule tau: base -> 1 over training), never receiving gradients.
+schedule tau: base -> 1 over training), never receiving gradients, without stochastic depth.
 loss = sum over the two orderings of  2 - 2 cos(predictor(student(v_i)), teacher(v_j)),  i != j,
 averaged over the batch. Each view goes through the networks separately, as in the paper, so BatchNorm
 statistics are per view.
 """
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl.methods.base import Method, MethodOutput
+from ssl.methods.base import Method, MethodOutput, teacher_copy
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -46,7 +45,7 @@ class BYOL(Method):
             {"backbone": backbone, "projector": mlp(backbone.feature_dim, proj_hidden_dim, proj_output_dim)}
         )
         self.predictor = mlp(proj_output_dim, pred_hidden_dim, proj_output_dim)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = teacher_copy(self.student)
 
     def forward(self, views: list[torch.Tensor], epoch: int) -> MethodOutput:
         first, second = views[:2]

@@ -2,7 +2,8 @@
 
 student = backbone + DINOHead, trained by gradient descent on every crop: 2 global crops, then N local ones.
 teacher = backbone + DINOHead, an exponential moving average of the student (`ssl.ema`, cosine momentum
-0.996 -> 1), fed the 2 global crops only, never receiving gradients.
+0.996 -> 1), fed the 2 global crops only, never receiving gradients, without stochastic depth (as the official
+code builds it: its targets depend on its weights alone).
 
 With head outputs t_g (teacher, global view g) and s_v (student, any view v) in R^K, the center c, the teacher
 temperature tau_t (warmed up per epoch) and the student temperature tau_s:
@@ -17,7 +18,6 @@ two together avoid collapse. Same-size views go through a backbone in one call (
 BatchNorm backbones see both global crops in one batch, as in the paper.
 """
 
-import copy
 import itertools
 from collections.abc import Iterable, Sequence
 
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ssl.errors import UserError
-from ssl.methods.base import Method, MethodOutput
+from ssl.methods.base import Method, MethodOutput, teacher_copy
 
 
 class DINOHead(nn.Module):
@@ -166,7 +166,7 @@ class DINO(Method):
             raise UserError("DINO temperatures must be positive; check method.kwargs.*_temp")
         head = DINOHead(backbone.feature_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer, use_bn_in_head)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.teacher = teacher_copy(self.student)
         self.register_buffer("center", torch.zeros(out_dim))
         # Not persistent: it is rebuilt from the configuration, and a resumed run may train for longer.
         self.register_buffer("teacher_temps", teacher_temperature_schedule(

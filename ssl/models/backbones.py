@@ -14,12 +14,17 @@ from torch import nn
 from ssl.errors import UserError, refuse_unknown_arguments
 from ssl.models.vit import VARIANTS, VisionTransformer
 
-STEMS = ("imagenet", "cifar", "stride2")
+STEMS = ("imagenet", "cifar", "stride2", "cifar_pad2")
 """ResNet stems, by how much they shrink the image before `layer1`:
 ``imagenet``: 7x7 stride-2 convolution and 3x3 stride-2 max-pool (/4; torchvision's, for 224 px images);
-``cifar``: one 3x3 stride-1 convolution, no max-pool (/1; the usual stem for 32 px images, SimCLR/solo-learn);
-``stride2``: one 3x3 stride-2 convolution, no max-pool (/2; 28-32 px images on a CPU: a quarter of the cifar
-stem's cost in every later stage, and `layer4` still sees 2x2 on 28 px instead of the imagenet stem's 1x1)."""
+``cifar``: one 3x3 stride-1 convolution padded by 1, no max-pool (/1: a 32 px image gives 32x32 maps; the usual
+'same'-padded stem for 32 px images);
+``cifar_pad2``: the same convolution padded by 2 (32 px -> 34x34 maps, 5x5 at `layer4` instead of 4x4):
+solo-learn's CIFAR stem (solo/methods/base.py replaces conv1 so for cifar10/cifar100), which the recipes that
+follow solo-learn use (byol_cifar, dino_cifar); with the same weights its features differ from ``cifar``'s;
+``stride2``: one 3x3 stride-2 convolution padded by 1, no max-pool (/2; 28-32 px images on a CPU: a quarter of the
+cifar stem's cost in every later stage, and `layer4` still sees 2x2 on 28 px instead of the imagenet stem's 1x1)."""
+SMALL_STEMS = {"cifar": (1, 1), "cifar_pad2": (1, 2), "stride2": (2, 1)}  # the 3x3 stems' (stride, padding)
 TORCHVISION_WIDTH = 64  # channels out of torchvision's stem; each later stage doubles them (64-128-256-512)
 
 
@@ -41,8 +46,8 @@ class ResNetBackbone(nn.Module):
             if in_channels != 3:
                 net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         else:
-            net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1 if stem == "cifar" else 2, padding=1,
-                                  bias=False)
+            stride, padding = SMALL_STEMS[stem]
+            net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stride, padding=padding, bias=False)
             net.maxpool = nn.Identity()
         self.feature_dim: int = net.fc.in_features
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)

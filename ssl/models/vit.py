@@ -8,7 +8,14 @@
 `forward(x)` is the CLS embedding out[:, 0] (B, D); `forward_dense(x)` the patch tokens out[:, 1:] as a
 (B, D, h, w) map. Position embeddings are learned for the (image_size / patch_size)^2 grid of the configured
 `image_size`; other input sizes (multi-crop local crops, evaluation at another resolution) get the patch part
-resized bicubically to their own grid, so one set of weights serves every crop size.
+resized bicubically to exactly their own grid (`F.interpolate(size=(h, w))`, no antialiasing), so one set of
+weights serves every crop size.
+
+Not DINO's convention: its vision_transformer.py interpolates by the scale factor (h + 0.1) / grid, and PyTorch then
+samples with that factor rather than with h / grid (DINOv2 keeps this by default, `interpolate_offset=0.1`; with 0
+it resizes to the exact size as here), so off the training grid the same weights give slightly different position
+embeddings (local-crop features ~1e-2 apart). At the training grid (224 px for ViT-S/16) both
+use the learned embeddings unchanged: DINO weights converted with `ssl.convert` give DINO's features there.
 """
 
 import torch
