@@ -103,11 +103,12 @@ def solo_learn_cifar_resnet18() -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("name", ["byol_cifar", "byol_cifar100", "dino_cifar"])
-def test_solo_learn_recipes_build_solo_learns_cifar_resnet(name):
-    cfg = recipe(name)
+def test_solo_learn_recipes_build_solo_learns_cifar_resnet():
+    names = ("byol_cifar", "byol_cifar100", "dino_cifar")
+    backbones = [OmegaConf.to_container(recipe(name).backbone) for name in names]
+    assert backbones[0] == backbones[1] == backbones[2]  # one backbone, built once here
     torch.manual_seed(0)
-    ours = build_backbone(cfg.backbone.name, in_channels=3, **OmegaConf.to_container(cfg.backbone.kwargs)).eval()
+    ours = build_backbone(backbones[0]["name"], in_channels=3, **backbones[0]["kwargs"]).eval()
     theirs = solo_learn_cifar_resnet18().eval()
     theirs.load_state_dict({k: v for k, v in torchvision_state_dict(ours).items() if not k.startswith("fc.")})
     images = torch.randn(2, 3, 32, 32)
