@@ -5,6 +5,7 @@ of the code under test."""
 
 import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from torch.func import functional_call
 
 from ssl.methods import build_method
 from ssl.models import build_backbone
+from ssl.models.backbones import BACKBONES
 from ssl.models.formats import torchvision_state_dict
-from ssl.models.vit import VARIANTS, VisionTransformer
+from ssl.models.vit import VisionTransformer
 from ssl.optim import cosine_schedule
 from ssl.train import base_learning_rate, build_pretraining, step_schedules, train_step
 from tests.fixtures import write_fmnist
@@ -246,7 +248,7 @@ DINO_BACKBONES = {"vit": ["backbone=vit_tiny", "backbone.kwargs.patch_size=7", "
 
 @pytest.mark.parametrize("arch, epoch, step", [("vit", 1, 6), ("resnet", 0, 2)])
 def test_one_dino_step_equals_main_dino(tmp_path, monkeypatch, arch, epoch, step):
-    monkeypatch.setitem(VARIANTS, "tiny", {"dim": 48, "depth": 2, "num_heads": 3})
+    monkeypatch.setitem(BACKBONES, "vit_tiny", partial(VisionTransformer, dim=48, depth=2, num_heads=3))
     overrides = [*DINO_BACKBONES[arch], "augment.local_crops=2", "method.kwargs.out_dim=64",
                  "method.kwargs.hidden_dim=32", "method.kwargs.bottleneck_dim=16", "method.kwargs.use_bn_in_head=false",
                  "method.kwargs.norm_last_layer=false", "method.kwargs.freeze_last_layer=1",
