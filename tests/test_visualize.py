@@ -1,5 +1,6 @@
 """`python -m ssl.visualize`: the pictures of a tiny ResNet and a tiny ViT export on a tiny Fashion-MNIST fixture."""
 
+import re
 import subprocess
 import sys
 import types
@@ -115,15 +116,23 @@ def test_tsne_with_the_viz_extra(workspace, capsys):
     assert_picture(out / "embedding.png")
 
 
-@pytest.mark.parametrize("override", ["ckpt=null", "retrieval.k=0", "images=-1", "embedding.points=many",
-                                      "embedding.perplexity=0", "embedding.method=umap", "logger=none", "device=tpu"])
-def test_bad_options_are_user_errors(workspace, override):
+@pytest.mark.parametrize("override, message", [
+    ("ckpt=null", "no checkpoint given; pass ckpt="),
+    ("retrieval.k=0", "retrieval.k=0 must be a positive whole number"),
+    ("images=-1", "images=-1 must be a positive whole number"),
+    ("embedding.points=many", "embedding.points=many must be a positive whole number"),
+    ("embedding.perplexity=0", "embedding.perplexity=0 must be a positive number"),
+    ("embedding.method=umap", "unknown embedding.method=umap; choose one of"),
+    ("logger=none", "unknown logger 'tensorboard'; choose one of"),
+    ("device=tpu", "unknown device 'tpu'"),
+])
+def test_bad_options_are_user_errors(workspace, override, message):
     if override == "logger=none":  # a known logger, with a name no logger has
         cfg = config(workspace, "resnet", "run_dir=unused")
         cfg.logger.name = "tensorboard"
     else:
         cfg = config(workspace, "resnet", "run_dir=unused", override)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape(message)):
         viz.visualize(cfg)
     assert not Path("unused").exists()
 
