@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,25 +35,22 @@ def two_process_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[s
                 *extra)
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    # Two steps: the two runs differ only in float reduction order (~1e-7), which BatchNorm over tiny batches and
-    # LARS amplify several-fold per step, so a long run drifts apart while every step computes the same thing.
+def one_and_two_processes(tmp_path: Path, overrides: Callable[[Path, Path], list[str]]) -> tuple[dict, dict]:
+    """The run `overrides(data_root, run_dir)` describes, in this process and under torchrun on two processes, on
+    32 images (2 steps of the global batch 16): their checkpoints, which must hold the same model (weights and
+    buffers) up to float reduction order.
+
+    Two steps: the two runs differ only in float reduction order (~1e-7), which BatchNorm over tiny batches and the
+    optimiser (LARS most) amplify several-fold per step, so a long run drifts apart while every step computes the
+    same thing.
+    """
     data_root = write_fmnist(tmp_path / "data", train=32, test=16)
-    assert run_module("ssl.pretrain", *two_process_overrides(data_root, tmp_path / "one")) == 0  # in this process
-    double = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, tmp_path / "two"))
+    assert run_module("ssl.pretrain", *overrides(data_root, tmp_path / "one")) == 0  # in this process
+    double = torchrun("-m", "ssl.pretrain", *overrides(data_root, tmp_path / "two"))
     assert double.returncode == 0, double.stderr[-3000:]
-
-    one, two = assert_same_model(tmp_path / "one", tmp_path / "two")
-    assert one["step"] == two["step"] == 2  # 32 images / global batch 16
-    assert any(name.startswith("method.teacher.") for name in one["model"])
-    assert any(name.startswith("method.predictor.") for name in one["model"])
-
-
-def assert_same_model(one_process: Path, two_processes: Path) -> tuple[dict, dict]:
-    """The two runs' checkpoints hold the same model (weights and buffers) up to float reduction order; returns
-    them."""
-    one = torch.load(one_process / "checkpoint.pt", weights_only=True)
-    two = torch.load(two_processes / "checkpoint.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert one["step"] == two["step"] == 2
     assert one["model"].keys() == two["model"].keys()
     for name, tensor in one["model"].items():
         if not tensor.is_floating_point():
@@ -61,6 +59,12 @@ def assert_same_model(one_process: Path, two_processes: Path) -> tuple[dict, dic
         # 1e-5 relative to the tensor's scale (elements near zero carry absolute float noise only)
         assert (two["model"][name] - tensor).abs().max() <= 1e-5 * tensor.abs().max() + 1e-8, name
     return one, two
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one, _ = one_and_two_processes(tmp_path, two_process_overrides)
+    assert any(name.startswith("method.teacher.") for name in one["model"])
+    assert any(name.startswith("method.predictor.") for name in one["model"])
 
 
 def dino_overrides(data_root: Path, run_dir: Path) -> list[str]:
@@ -77,12 +81,7 @@ def test_dino_on_two_processes_matches_one_process_centre_included(tmp_path):
     # The centre is a moving average of the teacher's outputs over the global batch. Each process holds half of the
     # batch, so only the all-reduce in `updated_center` gives both processes the one process's centre; the second
     # step's teacher targets, and so its gradients, depend on it.
-    data_root = write_fmnist(tmp_path / "data", train=32, test=16)
-    assert run_module("ssl.pretrain", *dino_overrides(data_root, tmp_path / "one")) == 0  # in this process
-    double = torchrun("-m", "ssl.pretrain", *dino_overrides(data_root, tmp_path / "two"))
-    assert double.returncode == 0, double.stderr[-3000:]
-    one, two = assert_same_model(tmp_path / "one", tmp_path / "two")
-    assert one["step"] == two["step"] == 2
+    one, _ = one_and_two_processes(tmp_path, dino_overrides)
     center = one["model"]["method.center"]
     assert center.shape == (64,) and center.abs().min() > 0  # moved from its zero start in every prototype
 

@@ -183,8 +183,8 @@ def test_segment_on_a_tiny_mosaic_set(workspace, capsys):
     report = json.loads((out / "segment.json").read_text())
     assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 8
     assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "linear"
-    # The baseline: the best constant answer, the test masks' most frequent class everywhere (an untrained head
-    # scores about 1/11). The trained head beats it.
+    # The baseline: the best constant answer, the test masks' most frequent class everywhere (18.5 % of the pixels
+    # here; an untrained head, lr 0, scored 6 %). The trained head (29 %) beats it.
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("segment", overrides)
     _, test_set = segmentation_sets(cfg, ssl.load_backbone(workspace["ckpt"]).export_meta, torch.device("cpu"))
