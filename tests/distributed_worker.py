@@ -1,12 +1,15 @@
 """Run by torchrun from tests/test_distributed.py: a real `ssl.train.train` run whose ranks then compare teachers.
 
 The loop itself never communicates teacher weights; this worker checks afterwards that every rank ended with the
-bitwise-same teacher. It keeps the process group alive past `train` and captures the run's objects.
+bitwise-same teacher. It keeps the process group alive past `train` and captures the run's objects. As each epoch's
+checkpoint is written, it copies the run folder to `epoch_<N>/` beside RESULT_JSON: what a run interrupted there
+would leave, for a resumed run to continue.
 Usage, from the repo root (so `ssl` is this package):
     torchrun --standalone --nproc_per_node=N -m tests.distributed_worker RESULT_JSON OVERRIDE...
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
 import ssl.train
+from ssl.run_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +35,13 @@ def main() -> None:
         return captured["run"]
 
     ssl.train.build_pretraining = capture
+    save = ssl.train.save_checkpoint
+
+    def save_and_keep(run_dir: Path, run, config, step: int, epoch: int, *args, **kwargs) -> None:
+        save(run_dir, run, config, step, epoch, *args, **kwargs)
+        shutil.copytree(run_dir, result_path.parent / f"epoch_{epoch}", ignore=shutil.ignore_patterns(LOCK_NAME))
+
+    ssl.train.save_checkpoint = save_and_keep
     ssl.train.shutdown = lambda: None
     ssl.train.train(cfg)
 

@@ -291,6 +291,21 @@ def test_config_recipes_make_normalised_views_at_data_sizes(data, recipe):
         assert view.dtype == torch.float32 and view.is_contiguous() and view.shape[:2] == (4, cfg.data.channels)
         assert torch.isfinite(view).all()
 
+    # The same views with every random op off and the crop the whole image: the images normalised with the data
+    # config's statistics, (x / 255 - mean) / std per channel; at the data size pixel for pixel, and at any size
+    # for a flat image (resampling keeps it flat).
+    aug.views = [replace(view, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
+                         grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0) for view in aug.views]
+    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    known = images(4, cfg.data.channels, side, seed=1)
+    for view in aug(known, torch.arange(4), 0)[:2]:
+        torch.testing.assert_close(view, (known / 255 - mean) / std, rtol=0, atol=1e-4)
+    levels = torch.tensor([40, 128, 250][: cfg.data.channels], dtype=torch.uint8).view(1, -1, 1, 1)
+    flat = levels.expand(4, -1, side, side).contiguous()
+    for view in aug(flat, torch.arange(4), 0):
+        torch.testing.assert_close(view, ((levels / 255 - mean) / std).expand_as(view), rtol=0, atol=1e-4)
+
 
 def test_recipes_match_the_papers():
     byol = ViewAugmenter.from_config(compose("cifar10", "byol").augment, [0] * 3, [1] * 3, 3, 0)

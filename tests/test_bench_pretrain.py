@@ -61,8 +61,10 @@ def test_a_failed_compile_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
     assert record["images_per_s"] is None and record["vs_reference"] is None
 
 
-def test_bad_arguments_are_refused():
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         bench_pretrain.parse_args(["--device", "cpu", "--steps", "0"])
-    with pytest.raises(SystemExit):
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
         bench_pretrain.parse_args(["--setups", "byol_fastest"])
+    assert "invalid choice: 'byol_fastest'" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_limit_keeps_the_first_images_without_the_rest(tmp_path):
 
 
 def test_missing_cifar_names_the_path_and_how_to_get_it(tmp_path):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UserError, match="cifar-10-batches-py") as error:
         build_dataset(config("cifar10", tmp_path), "train")
     message = str(error.value)
     assert "cifar-10-batches-py" in message and str(tmp_path) in message
@@ -130,7 +130,7 @@ def test_failed_download_says_where_to_fetch_by_hand(tmp_path, monkeypatch):
         raise OSError("<urlopen error [Errno -3]\n Temporary failure in name resolution>")
 
     monkeypatch.setattr(datasets.tv_datasets, "CIFAR10", offline)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UserError, match="could not download CIFAR-10") as error:
         build_dataset(config("cifar10", tmp_path, download=True), "train")
     message = str(error.value)
     assert "could not download CIFAR-10" in message and datasets.CIFAR10_URL in message and "\n" not in message
@@ -209,7 +209,7 @@ def test_fmnist_falls_back_to_debians_location(tmp_path, monkeypatch):
 
 def test_fmnist_missing_everywhere_says_where_and_how(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "FMNIST_DEBIAN_DIR", tmp_path / "debian")
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UserError, match="FashionMNIST/raw") as error:
         build_dataset(config("fmnist", tmp_path), "train")
     message = str(error.value)
     assert "FashionMNIST/raw" in message and "debian" in message

@@ -20,6 +20,7 @@ from ssl.methods.dino import (
     teacher_probabilities,
     teacher_temperature_schedule,
 )
+from ssl.models.export import random_backbone
 from ssl.models.vit import VisionTransformer
 from ssl.optim import build_optimizer, cosine_schedule, param_groups
 from tests.fixtures import run_module, write_fmnist
@@ -301,8 +302,19 @@ def test_short_fmnist_run_lowers_the_loss_and_exports_a_backbone_linear_eval_rea
 
     backbone = ssl.load_backbone(run / "teacher.pt")
     assert backbone.export_meta["method"] == "dino" and backbone.export_meta["channels"] == 1
+    # The baseline: the same network at its random initialisation. `random_backbone` at the run's seed (0) draws
+    # exactly the weights pretraining started from (both seed the global RNG and build the backbone first).
+    initial = random_backbone(backbone.export_meta, seed=0)
+    trained, start = backbone.state_dict(), initial.state_dict()
+    assert not any(torch.equal(start[name], trained[name]) for name, param in initial.named_parameters())
     assert run_module("ssl.linear_eval", f"ckpt={run / 'teacher.pt'}", f"data.root={data_root}", "device=cpu",
-                      "linear.lrs=[0.1]", "linear.weight_decays=[0.0]", "linear.epochs=5", "knn.ks=[5]") == 0
+                      "baseline=random", "seed=0", "linear.lrs=[0.1]", "linear.weight_decays=[0.0]",
+                      "linear.epochs=5", "knn.ks=[5]") == 0
     report = json.loads((run / "linear_eval_teacher" / "linear_eval.json").read_text())
-    # Chance is 10%; the class is the bright square's position, which these features separate (100% at seeds 0-3).
-    assert report["method"] == "dino" and report["linear"]["top1"] >= 80
+    random = report["baseline"]
+    assert report["method"] == "dino" and random["kind"] == "random" and random["seed"] == 0
+    # Twelve steps teach this fixture nothing a random network does not already see (the class is the bright
+    # square's position; both score about 100 % here), so the claim is relative: the short run lost nothing of
+    # what its initialisation separated.
+    assert report["linear"]["top1"] >= random["linear"]["top1"] - 10
+    assert report["knn"]["k5_top1"] >= random["knn"]["k5_top1"] - 10

@@ -4,13 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.fixtures import run_module, write_fmnist
-from tests.test_pretrain import ROOT, tiny
+from tests.test_pretrain import ROOT, assert_same_end, tiny
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +35,66 @@ def two_process_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[s
                 *extra)
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    # Two steps: the two runs differ only in float reduction order (~1e-7), which BatchNorm over tiny batches and
-    # LARS amplify several-fold per step, so a long run drifts apart while every step computes the same thing.
-    data_root = write_fmnist(tmp_path / "data", train=32, test=16)
-    assert run_module("ssl.pretrain", *two_process_overrides(data_root, tmp_path / "one")) == 0  # in this process
-    double = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, tmp_path / "two"))
-    assert double.returncode == 0, double.stderr[-3000:]
+def one_and_two_processes(tmp_path: Path, overrides: Callable[[Path, Path], list[str]]) -> tuple[dict, dict]:
+    """The run `overrides(data_root, run_dir)` describes, in this process and under torchrun on two processes, on
+    32 images (2 steps of the global batch 16): their checkpoints, which must hold the same model (weights and
+    buffers) up to float reduction order.
 
+    Two steps: the two runs differ only in float reduction order (~1e-7), which BatchNorm over tiny batches and the
+    optimiser (LARS most) amplify several-fold per step, so a long run drifts apart while every step computes the
+    same thing.
+    """
+    data_root = write_fmnist(tmp_path / "data", train=32, test=16)
+    assert run_module("ssl.pretrain", *overrides(data_root, tmp_path / "one")) == 0  # in this process
+    double = torchrun("-m", "ssl.pretrain", *overrides(data_root, tmp_path / "two"))
+    assert double.returncode == 0, double.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    assert one["step"] == two["step"] == 2  # 32 images / global batch 16
+    assert one["step"] == two["step"] == 2
+    assert one["model"].keys() == two["model"].keys()
     for name, tensor in one["model"].items():
         if not tensor.is_floating_point():
             assert torch.equal(tensor, two["model"][name]), name
             continue
         # 1e-5 relative to the tensor's scale (elements near zero carry absolute float noise only)
         assert (two["model"][name] - tensor).abs().max() <= 1e-5 * tensor.abs().max() + 1e-8, name
+    return one, two
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one, _ = one_and_two_processes(tmp_path, two_process_overrides)
     assert any(name.startswith("method.teacher.") for name in one["model"])
     assert any(name.startswith("method.predictor.") for name in one["model"])
 
 
+def dino_overrides(data_root: Path, run_dir: Path) -> list[str]:
+    # dino_fmnist (ResNet-18, BatchNorm head, multi-crop, per-parameter clipping) with small heads, two local crops
+    # and SGD: AdamW's first steps are ~lr * sign(gradient), which would turn float noise on near-zero gradients
+    # into whole-lr differences between the two runs.
+    return ["+experiment=dino_fmnist", "logger=none", "device=cpu", f"data.root={data_root}", f"run_dir={run_dir}",
+            "data.batch_size=16", "trainer.epochs=1", "trainer.warmup_epochs=0", "trainer.log_every=1",
+            "trainer.knn_every_epochs=0", "augment.local_crops=2", "optim=sgd", "optim.lr=0.05",
+            "method.kwargs.out_dim=64", "method.kwargs.hidden_dim=32", "method.kwargs.bottleneck_dim=16"]
+
+
+def test_dino_on_two_processes_matches_one_process_centre_included(tmp_path):
+    # The centre is a moving average of the teacher's outputs over the global batch. Each process holds half of the
+    # batch, so only the all-reduce in `updated_center` gives both processes the one process's centre; the second
+    # step's teacher targets, and so its gradients, depend on it.
+    one, _ = one_and_two_processes(tmp_path, dino_overrides)
+    center = one["model"]["method.center"]
+    assert center.shape == (64,) and center.abs().min() > 0  # moved from its zero start in every prototype
+
+
 @pytest.fixture(scope="module")
 def worker_run(data_root, tmp_path_factory) -> tuple[Path, dict]:
-    """One epoch on two processes through tests/distributed_worker.py (a real `ssl.train.train` run): its folder and
-    what the ranks reported. Two torchrun starts cost most of a test here, so the resume test continues this run."""
+    """Two epochs on two processes through tests/distributed_worker.py (a real `ssl.train.train` run): its folder
+    (the first epoch's copy beside it, in epoch_1/) and what the ranks reported. Two torchrun starts cost most of a
+    test here, so the resume test continues this run's first epoch."""
     tmp = tmp_path_factory.mktemp("worker")
     result = tmp / "result.json"
-    run = torchrun("-m", "tests.distributed_worker", str(result), *two_process_overrides(data_root, tmp / "run"))
+    run = torchrun("-m", "tests.distributed_worker", str(result),
+                   *two_process_overrides(data_root, tmp / "run", "trainer.epochs=2"))
     assert run.returncode == 0, run.stderr[-3000:]
     return tmp / "run", json.loads(result.read_text())
 
@@ -72,17 +105,18 @@ def test_ranks_end_with_identical_teachers_and_rank_zero_alone_writes(worker_run
     written = sorted(p.name for p in run_dir.iterdir())
     assert written == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "student.pt", "teacher.pt"]
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps if r.get("type") != "epoch"] == [1, 2, 3, 4]  # one writer, no duplicates
+    assert [r["step"] for r in steps if r.get("type") != "epoch"] == list(range(1, 9))  # one writer, no duplicates
 
 
 def test_two_process_run_resumes_from_its_saved_step(data_root, worker_run, tmp_path):
-    run_dir = Path(shutil.copytree(worker_run[0], tmp_path / "run"))  # the first epoch, ended by two processes
+    uninterrupted = worker_run[0]
+    run_dir = Path(shutil.copytree(uninterrupted.parent / "epoch_1", tmp_path / "run"))  # as the first epoch left it
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
     resumed = torchrun("-m", "ssl.pretrain", *two_process_overrides(data_root, run_dir, "trainer.epochs=2",
                                                                      "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 4 (epoch 1)" in resumed.stdout
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert_same_end(run_dir, uninterrupted)  # bitwise: weights, optimiser, EMA, RNG and the exports
 
 
 def test_a_global_batch_that_does_not_split_is_refused(data_root, tmp_path):

@@ -20,13 +20,16 @@ from ssl.eval import cli
 from ssl.linear_eval import linear_eval
 from ssl.models import build_backbone, save_export
 from ssl.models.export import FORMAT_VERSION, random_backbone
-from ssl.segment import segment
+from ssl.segment import segment, segmentation_sets
 from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_PROBE = ["linear.lrs=[0.1]", "linear.weight_decays=[0.0,0.01]", "linear.epochs=3", "knn.ks=[5,20]"]
 # `name=value (random x, +d)`: a score, the random backbone's, and their signed difference.
 WITH_BASELINE = re.compile(r"(\w+)=(\d+\.\d\d) \(random (\d+\.\d\d), ([+-]\d+\.\d\d)\)")
+# The fixture's test split holds each class equally often (write_fmnist), so a classifier that always answers the
+# same class, as one whose head never trained does, scores exactly this top-1.
+CHANCE = 10.0
 
 
 def tiny_export(path: Path, channels: int = 1) -> Path:
@@ -58,16 +61,25 @@ def test_linear_eval_follows_the_exports_dataset_and_writes_beside_it(workspace,
     assert report["data"] == "fmnist" and report["num_train"] == 40 and report["num_test"] == 20
     assert 0 <= report["linear"]["top1"] <= report["linear"]["top5"] <= 100
     assert set(report["knn"]) == {"temperature", "k5_top1", "k20_top1"}
+    # The class is the bright square's position, which even random features separate: far above chance (a probe
+    # that never fitted, zero weights, answers class 0 for every image).
+    assert report["linear"]["top1"] >= 5 * CHANCE and report["knn"]["k5_top1"] >= 5 * CHANCE
 
 
 def test_augmented_protocol_in_process(workspace):
+    # Two lrs, one of which cannot learn (lr 0 leaves the probe at zero: one class for every image), listed first
+    # so that taking the first, the last or the worst would all be seen.
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("linear_eval", [f"ckpt={workspace['ckpt']}", "data=fmnist", f"data.root={workspace['root']}",
                                       "device=cpu", "protocol=augmented", f"run_dir={workspace['tmp'] / 'aug'}",
-                                      *FAST_PROBE])
+                                      *FAST_PROBE, "linear.lrs=[0.0,0.1]"])
     report = linear_eval(cfg)
     assert report["protocol"] == "augmented" and (workspace["tmp"] / "aug" / "linear_eval.json").is_file()
+    held_out = {point["lr"]: point["val_top1"] for point in report["linear"]["lr_grid"]}
+    assert held_out.keys() == {0.0, 0.1} and held_out[0.1] > held_out[0.0]
     assert report["linear"]["optimizer"] == "sgd" and report["linear"]["lr"] == 0.1
+    # the final probe, trained at that lr on crops and flips (which blur this fixture's position code): above chance
+    assert report["linear"]["top1"] >= 3 * CHANCE
     assert report["baseline"] is None  # off by default
 
 
@@ -123,26 +135,61 @@ def test_linear_eval_with_a_random_baseline(workspace, capsys):
     assert all(diff == pytest.approx(value - base, abs=1e-9) for value, base, diff in printed.values())
 
 
+def fixture_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 1, 28, 28) and labels of a split written by `write_fmnist`, read straight from its idx
+    files (16- and 8-byte headers), not through the library's loaders."""
+    raw = root / "FashionMNIST" / "raw"
+    images = torch.frombuffer(bytearray((raw / f"{prefix}-images-idx3-ubyte").read_bytes()[16:]), dtype=torch.uint8)
+    labels = torch.frombuffer(bytearray((raw / f"{prefix}-labels-idx1-ubyte").read_bytes()[8:]), dtype=torch.uint8)
+    return images.view(-1, 1, 28, 28), labels.long()
+
+
 def test_finetune_writes_a_finetuned_export_with_its_head(workspace, capsys):
     out = workspace["tmp"] / "finetune"
+    # One epoch without warm-up, at lrs that move both parts within its 5 steps.
     assert run_module("ssl.finetune", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                      f"run_dir={out}", "train.epochs=1", "train.batch_size=16") == 0
+                      f"run_dir={out}", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=8",
+                      "train.lr=0.01", "train.backbone_lr=0.001") == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune_top1=")
     backbone = ssl.load_backbone(out / "finetuned.pt")
     meta = backbone.export_meta
     assert meta["role"] == "finetuned" and meta["head"]["weight"].shape == (10, 512) and len(meta["classes"]) == 10
-    assert 0 <= json.loads((out / "finetune.json").read_text())["top1"] <= 100
+    report = json.loads((out / "finetune.json").read_text())
+
+    # The backbone trained: every weight and BatchNorm statistic moved from the export's (the head starts at 0).
+    tuned, start = backbone.state_dict(), ssl.load_backbone(workspace["ckpt"]).state_dict()
+    floats = [name for name, tensor in start.items() if tensor.is_floating_point()]
+    assert [name for name in floats if torch.equal(start[name], tuned[name])] == []
+    assert meta["head"]["weight"].abs().sum() > 0
+    # The score is the saved model's, recomputed here: the export's normalisation (28 px, no resize), backbone, head.
+    images, labels = fixture_split(workspace["root"], "t10k")
+    with torch.no_grad():
+        logits = backbone((images / 255 - meta["mean"][0]) / meta["std"][0]) @ meta["head"]["weight"].T
+        logits += meta["head"]["bias"]
+    assert report["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item(), abs=1e-4)
+    assert report["top1"] > CHANCE  # an untrained (zero) head answers one class: exactly chance
 
 
 def test_segment_on_a_tiny_mosaic_set(workspace, capsys):
     out = workspace["tmp"] / "segment"
-    assert run_module("ssl.segment", f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
-                      f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4", "train.epochs=1",
-                      "train.batch_size=4", "head=fcn") == 0
+    # Threshold 0 makes every item pixel foreground: a mask is its mosaic's four item classes, one per quadrant, which
+    # the 2x2 dense map of a 56 px mosaic (ResNet: /32) can tell apart.
+    overrides = [f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu", f"run_dir={out}",
+                 "fmnist_mosaic.train_size=16", "fmnist_mosaic.test_size=8", "fmnist_mosaic.threshold=0",
+                 "train.epochs=4", "train.batch_size=2", "train.lr=0.01", "head=linear"]
+    torch.manual_seed(0)  # the head's initialisation draws from the global RNG, which earlier tests moved
+    assert run_module("ssl.segment", *overrides) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("miou=")
     report = json.loads((out / "segment.json").read_text())
-    assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 4
-    assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "fcn"
+    assert len(report["per_class_iou"]) == 11 and 0 <= report["miou"] <= 100 and report["num_test"] == 8
+    assert ssl.load_backbone(out / "segmenter.pt").export_meta["seg_head"]["name"] == "linear"
+    # The baseline: the best constant answer, the test masks' most frequent class everywhere (18.5 % of the pixels
+    # here; an untrained head, lr 0, scored 6 %). The trained head (29 %) beats it.
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("segment", overrides)
+    _, test_set = segmentation_sets(cfg, ssl.load_backbone(workspace["ckpt"]).export_meta, torch.device("cpu"))
+    majority = 100 * torch.bincount(test_set.masks.flatten().long()).max().item() / test_set.masks.numel()
+    assert report["pixel_accuracy"] > majority + 5
 
 
 def test_segment_with_a_random_baseline_in_process(workspace, capsys):
@@ -150,7 +197,7 @@ def test_segment_with_a_random_baseline_in_process(workspace, capsys):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("segment", [f"ckpt={workspace['ckpt']}", f"data.root={workspace['root']}", "device=cpu",
                                   f"run_dir={out}", "fmnist_mosaic.train_size=8", "fmnist_mosaic.test_size=4",
-                                  "train.epochs=1", "train.batch_size=4", "baseline=random"])
+                                  "train.epochs=1", "train.batch_size=4", "head=fcn", "baseline=random"])
     report = segment(cfg)
     random = report["baseline"]
     assert random["kind"] == "random" and random.keys() >= {"miou", "pixel_accuracy", "per_class_iou", "train_loss"}

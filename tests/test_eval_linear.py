@@ -134,7 +134,8 @@ def test_an_edge_choice_grows_the_grid_until_the_optimum_is_inside():
 def test_bad_probe_settings_are_user_errors():
     for changes in ({"weight_decays": ()}, {"weight_decays": (-1e-3,)}, {"weight_decay_bounds": (0.0, 1.0)},
                     {"val_fraction": 1.0}):
-        with pytest.raises(UserError):
+        (key,) = changes
+        with pytest.raises(UserError, match=rf"^linear\.{key}="):
             probe_config(**changes)
 
 

@@ -66,10 +66,9 @@ def snapshot(run_dir: Path, names=SAVED) -> dict[str, bytes]:
 
 def fails_in_one_line(capsys, main) -> str:
     """Run `main` as an entry point does; it must exit non-zero with exactly one `error:` line. Returns the line."""
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match="^2$"):
         run_cli(main)
     stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
     lines = [line for line in stderr.splitlines() if not line.startswith("epoch ")]  # progress lines
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
     return lines[0]
@@ -170,7 +169,7 @@ def test_unreadable_data_is_not_called_corrupt(data_root, capsys, monkeypatch):
 def test_report_that_cannot_be_written_is_printed_instead(tmp_path, capsys):
     blocker = tmp_path / "results"
     blocker.write_text("a file")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         run_cli(lambda: cli.write_report(blocker, "linear_eval", {"linear": {"top1": 81.5}}))
     out, err = capsys.readouterr()
     assert err == (f"error: {blocker / 'linear_eval.json'}: File exists (EEXIST); {blocker} stands where a folder is "
@@ -316,7 +315,7 @@ def test_out_of_memory_names_the_batch_and_keeps_the_last_epoch(run_dir, data_ro
 def test_unexpected_error_keeps_the_checkpoint_and_prints_the_resume_command(run_dir, data_root, capsys, monkeypatch):
     before = snapshot(run_dir)
     fail_at_first_step(monkeypatch, ZeroDivisionError("a bug"))
-    with pytest.raises(ZeroDivisionError):  # re-raised: its traceback is what fixes the bug
+    with pytest.raises(ZeroDivisionError, match="^a bug$"):  # re-raised: its traceback is what fixes the bug
         ssl.train.train(config(data_root, run_dir, "resume=auto", "trainer.epochs=2"))
     assert capsys.readouterr().err.splitlines() == [
         f"error: unexpected ZeroDivisionError (the traceback follows); the last good {run_dir / 'checkpoint.pt'} is "

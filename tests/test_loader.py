@@ -91,6 +91,6 @@ def test_folder_workers_decode_across_epochs_and_report_bad_images_in_one_line(t
     assert [i.tolist() for *_, i in first] != [i.tolist() for *_, i in second]
     assert sorted(torch.cat([i for *_, i in second]).tolist()) == list(range(6))
     (tmp_path / "class1" / "003.png").write_bytes(b"not a png")
-    with pytest.raises(UserError) as error:
+    with pytest.raises(UserError, match="003.png") as error:
         collect(loader, 2)
     assert "003.png" in str(error.value) and "\n" not in str(error.value)

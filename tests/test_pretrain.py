@@ -8,13 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 import ssl
+import ssl.train
+from ssl.models import backbones
+from ssl.models.vit import VisionTransformer
 from ssl.run_lock import LOCK_NAME
+from ssl.train import Pretraining
 from tests.fixtures import run_module, write_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +50,34 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 def epoch_knn(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["knn20"] for r in records if r.get("type") == "epoch"]
+
+
+def differing(got, expected, where: str = "") -> list[str]:
+    """Where two saved structures (dicts, lists, tensors, numbers) are not bitwise the same."""
+    if isinstance(expected, dict):
+        if got.keys() != expected.keys():
+            return [f"{where}: keys {sorted(got)} vs {sorted(expected)}"]
+        return [d for key in expected for d in differing(got[key], expected[key], f"{where}.{key}")]
+    if isinstance(expected, (list, tuple)):
+        if len(got) != len(expected):
+            return [f"{where}: length {len(got)} vs {len(expected)}"]
+        return [d for i, (g, e) in enumerate(zip(got, expected)) for d in differing(g, e, f"{where}[{i}]")]
+    if isinstance(expected, torch.Tensor):
+        return [] if torch.equal(got, expected) else [where]
+    return [] if got == expected else [f"{where}: {got!r} vs {expected!r}"]
+
+
+def assert_same_end(run: Path, reference: Path) -> None:
+    """A resumed run ended bitwise where the uninterrupted one did: student, teacher, probe and buffers, optimiser
+    state, EMA step and RNG in checkpoint.pt, and the teacher.pt / student.pt exports."""
+    got, expected = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (run, reference))
+    assert any(name.startswith("method.teacher.") for name in expected["model"])
+    assert expected["optimizer"]["state"], "the optimiser holds per-parameter state (momentum) to compare"
+    for key in ("step", "epoch", "model", "optimizer", "ema", "rng"):
+        assert differing(got[key], expected[key], key) == []
+    for export in ("teacher.pt", "student.pt"):
+        got, expected = (torch.load(d / export, weights_only=True)["state_dict"] for d in (run, reference))
+        assert differing(got, expected, export) == []
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +146,38 @@ def test_resume_after_sigint_reproduces_the_uninterrupted_losses(data_root, fini
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(expected)], rel=1e-6)
     # the online kNN monitor draws no random number and changes nothing: its scores repeat too
     assert epoch_knn(run) == epoch_knn(reference) and len(epoch_knn(run)) == 3
+    assert_same_end(run, reference)
+
+
+def test_resume_with_drop_path_continues_the_random_stream(data_root, tmp_path, monkeypatch, capsys):
+    # A ViT with stochastic depth draws its drop masks from the global RNG at every step (the augmentation is keyed
+    # and draws nothing), so only a restored RNG state gives the uninterrupted run's masks after the resume. The ViT
+    # is registered here 2 blocks deep and 32 wide (ViT-Tiny's 12 x 192 would cost most of a minute on this CPU);
+    # the second block drops its branches with probability 0.5.
+    monkeypatch.setitem(backbones.BACKBONES, "vit_micro", partial(VisionTransformer, dim=32, depth=2, num_heads=2))
+    vit = ["backbone=vit_tiny", "backbone.name=vit_micro", "~backbone.kwargs.stem", "~backbone.kwargs.width",
+           "backbone.kwargs.patch_size=14", "backbone.kwargs.drop_path_rate=0.5", "data.limit=48", "trainer.epochs=2",
+           "trainer.knn_every_epochs=0"]
+    assert run_module("ssl.pretrain", *tiny(data_root, tmp_path / "reference", *vit)) == 0
+
+    run = tmp_path / "interrupted"
+    train_step = ssl.train.train_step
+
+    def then_interrupt(run: Pretraining, forward, images, labels, indices, epoch: int, step: int, **kwargs):
+        """Ctrl-C to this process as step 2 ends: the run's own handler takes it, as from a terminal."""
+        result = train_step(run, forward, images, labels, indices, epoch, step, **kwargs)
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(ssl.train, "train_step", then_interrupt)
+    assert run_module("ssl.pretrain", *tiny(data_root, run, *vit)) == 130
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2  # mid-epoch: 3 steps per epoch
+    monkeypatch.setattr(ssl.train, "train_step", train_step)
+    capsys.readouterr()
+    assert run_module("ssl.pretrain", *tiny(data_root, run, *vit, "resume=auto")) == 0
+    assert "at step 2" in capsys.readouterr().out
+    assert_same_end(run, tmp_path / "reference")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_files(data_root, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """`python -m ssl.visualize`: the pictures of a tiny ResNet and a tiny ViT export on a tiny Fashion-MNIST fixture."""
 
+import re
 import subprocess
 import sys
 import types
@@ -115,15 +116,23 @@ def test_tsne_with_the_viz_extra(workspace, capsys):
     assert_picture(out / "embedding.png")
 
 
-@pytest.mark.parametrize("override", ["ckpt=null", "retrieval.k=0", "images=-1", "embedding.points=many",
-                                      "embedding.perplexity=0", "embedding.method=umap", "logger=none", "device=tpu"])
-def test_bad_options_are_user_errors(workspace, override):
+@pytest.mark.parametrize("override, message", [
+    ("ckpt=null", "no checkpoint given; pass ckpt="),
+    ("retrieval.k=0", "retrieval.k=0 must be a positive whole number"),
+    ("images=-1", "images=-1 must be a positive whole number"),
+    ("embedding.points=many", "embedding.points=many must be a positive whole number"),
+    ("embedding.perplexity=0", "embedding.perplexity=0 must be a positive number"),
+    ("embedding.method=umap", "unknown embedding.method=umap; choose one of"),
+    ("logger=none", "unknown logger 'tensorboard'; choose one of"),
+    ("device=tpu", "unknown device 'tpu'"),
+])
+def test_bad_options_are_user_errors(workspace, override, message):
     if override == "logger=none":  # a known logger, with a name no logger has
         cfg = config(workspace, "resnet", "run_dir=unused")
         cfg.logger.name = "tensorboard"
     else:
         cfg = config(workspace, "resnet", "run_dir=unused", override)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=re.escape(message)):
         viz.visualize(cfg)
     assert not Path("unused").exists()
 
@@ -156,5 +165,26 @@ def test_queries_cover_the_classes_first():
 def test_dense_pca_is_rgb_in_unit_range():
     rgb = viz.dense_pca_rgb(torch.randn(3, 16, 2, 2), size=8)
     assert rgb.shape == (3, 8, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    # each colour spans [0, 1] over the batch; a corner pixel is its cell's value (bilinear, align_corners=False)
+    torch.testing.assert_close(rgb.flatten(0, 2).aminmax(dim=0).min, torch.zeros(3))
+    torch.testing.assert_close(rgb.flatten(0, 2).aminmax(dim=0).max, torch.ones(3))
     single = viz.dense_pca_rgb(torch.randn(1, 16, 1, 1), size=4)  # one cell: fewer axes than colours
     assert single.shape == (1, 4, 4, 3)
+
+
+def test_dense_pca_colours_are_the_cells_coordinates_on_known_principal_axes():
+    # 8 cells (two 2x2 maps) of 16-d features varying along three orthonormal directions with spreads 3 > 2 > 1:
+    # the principal axes are those directions, so red, green and blue are each cell's coordinate along them,
+    # signed so the largest-magnitude coordinate is positive, then scaled to [0, 1] over the batch.
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    # orthonormal columns spanning centred vectors are centred too
+    coords = torch.linalg.qr(draws - draws.mean(dim=0))[0] * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    directions = torch.linalg.qr(torch.randn(16, 3, generator=generator, dtype=torch.float64))[0]
+    cells = coords @ directions.T + torch.randn(16, generator=generator, dtype=torch.float64)
+    dense = cells.reshape(2, 2, 2, 16).permute(0, 3, 1, 2).float()
+    signs = coords.gather(0, coords.abs().argmax(dim=0, keepdim=True)).sign()
+    signed = coords * signs
+    expected = (signed - signed.min(dim=0).values) / (signed.max(dim=0).values - signed.min(dim=0).values)
+    rgb = viz.dense_pca_rgb(dense, size=2)  # the maps' own size: no interpolation
+    torch.testing.assert_close(rgb.double(), expected.reshape(2, 2, 2, 3), atol=1e-4, rtol=0)
