@@ -117,11 +117,17 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
     return sum(-(teacher_probs[g] * log_probs[v]).sum(dim=-1).mean() for g, v in pairs) / len(pairs)
 
 
-def _summed_over_processes(values: torch.Tensor, op: str = "SUM") -> torch.Tensor:
-    """`values` reduced in place over every process when torch.distributed is initialised; else unchanged."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=getattr(dist.ReduceOp, op))
-    return values
+def _logsumexp_over_rows(values: torch.Tensor) -> torch.Tensor:
+    """log sum_i exp(values[i, k]) for every column k, the rows of every process included under torchrun (each
+    process's own logsumexp, combined through the largest of them so that nothing overflows)."""
+    local = torch.logsumexp(values, dim=0)  # -inf for a process without rows
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    peak = local.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    total = torch.exp(local - peak)
+    dist.all_reduce(total)
+    return peak + total.log()
 
 
 @torch.no_grad()
@@ -130,20 +136,17 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float | torch.Tens
     """Teacher targets (N, K) by Sinkhorn-Knopp on Q = exp(t / tau_t), in float32 (SwAV; DINOv2's
     `sinkhorn_knopp_teacher`, 3 iterations).
 
-    Each iteration scales every prototype's column to total 1/K, then every sample's row to total 1/N, N the number
-    of rows over all processes (column sums and N are all-reduced under torchrun); the rows are returned scaled to
-    sum to 1. Ending on the rows makes each target a distribution; the columns are uniform at convergence and close
-    to it after 3 iterations. One constant factor (the largest score, over all processes) is taken out of Q first:
-    the column scaling removes it, and exp() cannot overflow.
+    Each iteration scales every prototype's column of Q to the same total, summed over the rows of all processes
+    under torchrun, then every sample's row to total 1, so each target is a distribution and the prototypes are
+    used equally at convergence (each column totals N / K) and nearly so after 3 iterations. DINOv2 scales the
+    columns to 1/K and the rows to 1/N, then multiplies by N: the same matrix. Done on log Q, so no exp() overflows
+    or underflows whatever tau_t and the logits' range (e.g. with prototypes of free norm).
     """
-    scores = teacher_logits.float() / temperature
-    q = torch.exp(scores - _summed_over_processes(scores.max(), op="MAX"))
-    num_samples = _summed_over_processes(torch.tensor(float(len(q)), device=q.device))
+    log_q = teacher_logits.float() / temperature
     for _ in range(iterations):
-        # a prototype no sample reaches in float32 keeps a zero column instead of turning every row into NaN
-        q = q / (_summed_over_processes(q.sum(dim=0)).clamp(min=torch.finfo(q.dtype).tiny) * q.shape[1])
-        q = q / (q.sum(dim=1, keepdim=True) * num_samples)
-    return q * num_samples
+        log_q = log_q - _logsumexp_over_rows(log_q)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+    return log_q.exp()
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
