@@ -2,14 +2,18 @@
 Sinkhorn-Knopp's marginals and form, KoLeo and the iBOT loss computed by hand, and the step unchanged when off."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import ssl.methods.dino as dino
 from ssl.errors import UserError
+from ssl.methods import build_method
 from ssl.methods.dino import (
     DINO,
     backbone_by_resolution,
@@ -24,6 +28,7 @@ from ssl.methods.dino import (
 from ssl.models import build_backbone
 from ssl.models.vit import VisionTransformer
 
+ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
 
 
@@ -313,3 +318,20 @@ def test_options_off_leave_the_step_bit_identical(use_bn_in_head):
     assert torch.equal(loss_a, loss_b) and torch.equal(center_a, center_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
     assert "mask_token" not in dict(tiny_dino().named_parameters())
+
+
+def test_dino2_cifar_vit_builds_with_all_three_options_and_takes_a_step():
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("pretrain", overrides=["+experiment=dino2_cifar_vit", "method.kwargs.out_dim=256",
+                                              "augment.local_crops=2"])
+    kwargs = OmegaConf.to_container(cfg.method.kwargs, resolve=True)
+    assert (kwargs["centering"], kwargs["koleo_weight"], kwargs["ibot_weight"]) == ("sinkhorn", 0.1, 1.0)
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.backbone.name, **OmegaConf.to_container(cfg.backbone.kwargs, resolve=True))
+    method = build_method(cfg.method.name, backbone, epochs=cfg.trainer.epochs, **kwargs)
+    views = ([torch.randn(BATCH, 3, 32, 32) for _ in range(2)]
+             + [torch.randn(BATCH, 3, 16, 16) for _ in range(cfg.augment.local_crops)])
+    output = method(views, epoch=0)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and {"koleo_loss", "ibot_loss"} <= output.logs.keys()
+    assert method.mask_token.grad is not None
