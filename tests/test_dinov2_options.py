@@ -90,25 +90,33 @@ def test_sinkhorn_stays_finite_where_exp_of_the_scores_overflows():
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(len(logits)), rtol=0, atol=1e-5)
 
 
-def sinkhorn_worker(rank: int, init_file: str, logits: torch.Tensor, results: dict) -> None:
+def two_process_worker(rank: int, init_file: str, logits: torch.Tensor, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         # unequal shares (30 + 18 rows), as the masked patches of two processes
         shard = logits[:30] if rank == 0 else logits[30:]
-        results[rank] = sinkhorn_knopp(shard, 0.1)
+        results[rank] = (sinkhorn_knopp(shard, 0.1), updated_center(torch.ones(logits.shape[1]), shard, 0.9))
     finally:
         dist.destroy_process_group()
 
 
-def test_sinkhorn_over_two_processes_equals_one_process_with_all_rows(tmp_path):
+def test_sinkhorn_and_center_over_two_processes_equal_one_process_with_all_rows(tmp_path):
     logits = teacher_logits()
     with mp.Manager() as manager:
         results = manager.dict()
         # fork: the workers need nothing but this module's function, and skip re-importing torch
-        mp.start_processes(sinkhorn_worker, args=(str(tmp_path / "init"), logits, results), nprocs=2,
+        mp.start_processes(two_process_worker, args=(str(tmp_path / "init"), logits, results), nprocs=2,
                            start_method="fork")
-        gathered = torch.cat([results[0], results[1]])
-    torch.testing.assert_close(gathered, sinkhorn_knopp(logits, 0.1), rtol=1e-5, atol=1e-7)
+        (targets_0, center_0), (targets_1, center_1) = results[0], results[1]
+    torch.testing.assert_close(torch.cat([targets_0, targets_1]), sinkhorn_knopp(logits, 0.1), rtol=1e-5, atol=1e-7)
+    expected_center = 0.9 + 0.1 * logits.mean(dim=0)  # the mean of all 48 rows, not of the two shards' means
+    torch.testing.assert_close(center_0, expected_center)
+    torch.testing.assert_close(center_1, expected_center)
+
+
+def test_a_center_without_rows_stays_where_it_is():
+    center = torch.randn(12)
+    assert torch.equal(updated_center(center, torch.empty(0, 12), 0.9), center)
 
 
 def test_sinkhorn_centering_spreads_the_targets_and_leaves_the_center_alone():

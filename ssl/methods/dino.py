@@ -217,13 +217,13 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: 
 @torch.no_grad()
 def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
     """m c + (1 - m) mean(t), the mean over the rows of `teacher_logits` of every process when torch.distributed
-    is initialised (so all ranks keep the same center)."""
-    total = teacher_logits.float().sum(dim=0)
-    count = len(teacher_logits)
+    is initialised (so all ranks keep the same center). Processes may hold different numbers of rows (iBOT's masked
+    patches), so the row count is summed with the rows, in the same all-reduce; with no rows anywhere c stays."""
+    sums = torch.cat((teacher_logits.float().sum(dim=0), center.new_tensor([len(teacher_logits)])))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        count *= dist.get_world_size()
-    return momentum * center + (1 - momentum) * total / count
+        dist.all_reduce(sums)
+    total, count = sums[:-1], sums[-1]
+    return torch.where(count > 0, momentum * center + (1 - momentum) * total / count, center)
 
 
 def backbone_by_resolution(backbone: nn.Module, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
