@@ -8,7 +8,9 @@ Every variant (the recipe as it is, then the recipe with one option on) is built
 with `ssl.train.build_pretraining` and stepped with `ssl.train.train_step`, the code that trains. The variants take
 turns: each round times --steps steps of every variant in turn, so a machine that gets busier or quieter slows them
 alike, and the cost of a variant is the median over rounds of its time per step divided by the baseline's in that
-round. One untimed step per variant first. The default variants fit `dino_fmnist` (a ResNet: iBOT needs a ViT, e.g.
+round. Two clocks: wall time, and (on the CPU) this process's CPU time, which other jobs on a shared machine disturb
+far less (run with OMP_NUM_THREADS=1 there, so that threads spinning in OpenMP barriers count as nothing). One
+untimed step per variant first. The default variants fit `dino_fmnist` (a ResNet: iBOT needs a ViT, e.g.
 --override backbone=vit_tiny --override backbone.kwargs.patch_size=4 --variant ibot=method.kwargs.ibot_weight=1).
 """
 
@@ -67,11 +69,11 @@ class Stepper:
         self.forward = wrap_forward(self.run.model, self.cfg, device)
         self.device, self.step_index, self.batches = device, 0, iter(())
 
-    def seconds(self, steps: int) -> float:
-        """Wall seconds of `steps` training steps (the device synchronised at both ends)."""
+    def seconds(self, steps: int) -> tuple[float, float]:
+        """Wall and process CPU seconds of `steps` training steps (the device synchronised at both ends)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             batch = next(self.batches, None)
             if batch is None:
@@ -81,7 +83,7 @@ class Stepper:
             self.step_index += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,23 +96,31 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     for stepper in steppers.values():
         stepper.seconds(1)
-    per_step = {name: [] for name in steppers}
+    clocks = ("wall", "cpu")
+    per_step = {name: {clock: [] for clock in clocks} for name in steppers}
     for round_index in range(args.rounds):
         for name, stepper in steppers.items():
-            per_step[name].append(stepper.seconds(args.steps) / args.steps)
+            for clock, seconds in zip(clocks, stepper.seconds(args.steps)):
+                per_step[name][clock].append(seconds / args.steps)
         print(f"round {round_index + 1}/{args.rounds}: " + " ".join(
-            f"{name}={values[-1]:.3f}s" for name, values in per_step.items()), flush=True)
+            f"{name}={times['wall'][-1]:.3f}s (cpu {times['cpu'][-1]:.3f}s)" for name, times in per_step.items()),
+            flush=True)
 
     rows = []
-    for name, values in per_step.items():
-        ratios = [value / baseline for value, baseline in zip(values, per_step["off"])]
-        rows.append({"variant": name, "overrides": variants(args)[name], "median_s_per_step": statistics.median(values),
-                     "median_ratio_to_off": statistics.median(ratios), "ratios": ratios})
-    print(f"\n{args.experiment} on {device.type}, {args.rounds} rounds of {args.steps} steps, interleaved")
-    print("| variant | s/step (median) | cost vs off (median ratio per round) |\n|---|---|---|")
+    for name, times in per_step.items():
+        row = {"variant": name, "overrides": variants(args)[name]}
+        for clock in clocks:
+            ratios = [value / baseline for value, baseline in zip(times[clock], per_step["off"][clock])]
+            row[clock] = {"median_s_per_step": statistics.median(times[clock]),
+                          "median_ratio_to_off": statistics.median(ratios), "ratios": ratios}
+        rows.append(row)
+    print(f"\n{args.experiment} on {device.type}, {args.rounds} rounds of {args.steps} steps, interleaved, "
+          f"{torch.get_num_threads()} threads")
+    print("| variant | wall s/step | wall cost vs off | cpu s/step | cpu cost vs off |\n|---|---|---|---|---|")
     for row in rows:
-        cost = 100 * (row["median_ratio_to_off"] - 1)
-        print(f"| {row['variant']} | {row['median_s_per_step']:.3f} | {cost:+.1f} % |")
+        cells = [f"{row[clock]['median_s_per_step']:.3f} | {100 * (row[clock]['median_ratio_to_off'] - 1):+.1f} %"
+                 for clock in clocks]
+        print(f"| {row['variant']} | {' | '.join(cells)} |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         environment = {"command": " ".join(["bench_dino_options.py", *(sys.argv[1:] if argv is None else argv)]),
