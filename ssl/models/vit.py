@@ -9,7 +9,9 @@
 (B, D, h, w) map. Position embeddings are learned for the (image_size / patch_size)^2 grid of the configured
 `image_size`; other input sizes (multi-crop local crops, evaluation at another resolution) get the patch part
 resized bicubically to exactly their own grid (`F.interpolate(size=(h, w))`, no antialiasing), so one set of
-weights serves every crop size.
+weights serves every crop size. `tokens(x, masks, mask_token)` puts a mask token in place of the masked patches'
+embeddings before the position embeddings are added (masked image modelling: iBOT; DINOv2's
+`prepare_tokens_with_masks`).
 
 Not DINO's convention: its vision_transformer.py interpolates by the scale factor (h + 0.1) / grid, and PyTorch then
 samples with that factor rather than with h / grid (DINOv2 keeps this by default, `interpolate_offset=0.1`; with 0
@@ -84,6 +86,7 @@ class VisionTransformer(nn.Module):
                    if divisors else f"data.image_size to a multiple of {patch_size}")
             raise UserError(f"ViT patch_size {patch_size} does not divide image_size {image_size}: set {fix}")
         self.feature_dim: int = dim
+        self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -104,11 +107,19 @@ class VisionTransformer(nn.Module):
         patch_pos = F.interpolate(patch_pos, size=(height, width), mode="bicubic", align_corners=False)
         return torch.cat((cls_pos, patch_pos.flatten(2).transpose(1, 2)), dim=1)
 
-    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """All output tokens (B, 1 + h*w, D), CLS first, and the patch grid (h, w) of this input."""
+    def tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, int, int]:
+        """All output tokens (B, 1 + h*w, D), CLS first, and the patch grid (h, w) of this input.
+
+        masks: (B, h*w) booleans, True where a patch's embedding is replaced by `mask_token` (D,). The token is the
+        training method's parameter (DINO with iBOT), not the backbone's, so exports keep the same tensors.
+        """
         x = self.patch_embed(x)
         height, width = x.shape[-2:]
-        x = torch.cat((self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)), dim=1)
+        x = x.flatten(2).transpose(1, 2)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), mask_token.to(x.dtype), x)
+        x = torch.cat((self.cls_token.expand(len(x), -1, -1), x), dim=1)
         x = self.blocks(x + self.position_embedding(height, width))
         return self.norm(x), height, width
 
