@@ -1,13 +1,14 @@
 """Image-folder loading side by side: our workers against the reference PIL pipeline, on the same JPEGs and workers.
 
-    python -m scripts.bench_folder [--images 2000] [--workers 2] [--batch-size 64] [--device cpu]
-                                   [--root bench/folder_data] [--json bench/folder.json]
+    python -m scripts.bench_folder [--images 2000] [--measure-images 1024] [--workers 2] [--batch-size 64]
+                                   [--device cpu] [--root bench/folder_data] [--json bench/folder.json]
 
 Data: --images JPEGs (quality 90) written once under --root, ImageNet-like: the longer side 500 px for most and
 300-1000 px for the rest, aspect ratios 1:1 to 16:9 in both orientations (mean about 500 x 390), with texture at
 every scale (smooth fields, shapes, grain) so they compress like photos. They are reused while the recipe matches.
 
-Pipelines, each over one epoch of the folder in batches of --batch-size with --workers DataLoader workers:
+Pipelines, each over the first --measure-images images of a shuffled epoch of the folder, in batches of
+--batch-size with --workers DataLoader workers:
   reference  torchvision.datasets.ImageFolder with the papers' PIL transforms (DINO's main_dino.py multi-crop:
              RandomResizedCrop bicubic, flip, colour jitter 0.4/0.4/0.2/0.1 at p 0.8, grayscale 0.2, PIL Gaussian
              blur, solarisation, ToTensor + Normalize; BYOL's table 6 pair), written here from those parameters
@@ -193,15 +194,16 @@ def self_cpu_seconds() -> float:
 
 
 def measure(batches: Iterable[Any], count_of: Callable[[Any], int], step: Callable[[Any], None],
-            step_seconds: float, device: torch.device) -> dict[str, float]:
-    """Consume ``batches`` as a training loop would; returns images/s, CPU-ms per image and wait per step."""
+            step_seconds: float, device: torch.device, limit: int) -> dict[str, float]:
+    """Consume ``batches`` as a training loop would, up to ``limit`` images; returns images/s, CPU-ms per image and
+    the wait per step."""
     cpu_start = self_cpu_seconds()
     start = time.perf_counter()
     iterator = iter(batches)
     waits, images, first_arrival, first_count = [], 0, None, 0
     while True:
         ask = time.perf_counter()
-        batch = next(iterator, None)
+        batch = next(iterator, None) if images < limit else None
         if batch is None:
             break
         arrival = time.perf_counter()
@@ -232,7 +234,7 @@ def run_reference(root: Path, method: str, args: argparse.Namespace, device: tor
             view.to(device, non_blocking=True)
 
     result = measure(loader, lambda batch: len(batch[1]), to_device, args.batch_size / args.step_images_per_s,
-                     device)
+                     device, args.measure_images)
     del loader
     return result
 
@@ -249,14 +251,16 @@ def run_ours(root: Path, method: str, args: argparse.Namespace, device: torch.de
             augmenter(batch[0], batch[2], 0)
 
     result = measure(loader.epoch(0), lambda batch: len(batch[2]), step, args.batch_size / args.step_images_per_s,
-                     device)
+                     device, args.measure_images)
     del loader
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="JPEGs in the generated folder (one epoch each)")
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs in the generated folder")
+    parser.add_argument("--measure-images", type=int, default=1024,
+                        help="images each pipeline loads (the first batches of a shuffled epoch)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every pipeline")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--local-crops", type=int, default=10, help="DINO's local views (dino_imagenet: 10)")
