@@ -46,7 +46,7 @@ from ssl.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as both papers normalise
-DATA_VERSION = 1  # bump when the generated images change
+DATA_VERSION = 2  # bump when the generated images change
 CLASSES = 10
 ASPECTS = [(1.0, 0.10), (4 / 3, 0.40), (3 / 2, 0.20), (16 / 9, 0.05), (None, 0.25)]  # (long / short, share)
 
@@ -71,14 +71,15 @@ def textured_image(rng: random.Random, width: int, height: int) -> Image.Image:
         layer = Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize((width, height),
                                                                                       Image.Resampling.BICUBIC)
         canvas += np.asarray(layer, np.float32) - 128
-    image = Image.fromarray(np.clip(canvas + 128 + np_rng.normal(0, 6, canvas.shape), 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(canvas + 128, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(3, 8)):
         x0, y0 = rng.randrange(width), rng.randrange(height)
         box = [x0, y0, x0 + rng.randint(10, width // 2), y0 + rng.randint(10, height // 2)]
         colour = tuple(rng.randrange(256) for _ in range(3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour, outline=(0, 0, 0))
-    return image.filter(ImageFilter.GaussianBlur(0.6))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(0.6)), np.float32)
+    return Image.fromarray(np.clip(pixels + np_rng.normal(0, 14, pixels.shape), 0, 255).astype(np.uint8))
 
 
 def write_folder(root: Path, count: int, seed: int = 0) -> dict[str, Any]:
