@@ -30,6 +30,11 @@ FMNIST_VIT_16 = ("ViT patch_size 16 does not divide image_size 28: set backbone.
                  "2, 4, 7, 14 (4 for 32 px, 16 for 224 px)")
 REFUSED = {(experiment, vit): FMNIST_VIT_16 for experiment in ("byol_fmnist", "dino_fmnist")
            for vit in ("vit_tiny", "vit_small")}
+# dino2_cifar_vit's iBOT loss needs patch tokens: ResNets are refused in one line (ssl/methods/dino.py)
+IBOT_NEEDS_A_VIT = ("iBOT's masked-patch loss needs a ViT backbone (patch tokens), not ResNetBackbone; set "
+                    "method.kwargs.ibot_weight=0 or use a ViT backbone")
+REFUSED.update({("dino2_cifar_vit", resnet): IBOT_NEEDS_A_VIT
+                for resnet in ("resnet18", "resnet18_cifar", "resnet18_fmnist", "resnet50")})
 # Narrow networks and heads keep a step cheap. Whether a recipe's images, views and network fit is decided by the
 # ResNet stems and the ViT patch and image sizes, which stay the configs' own.
 SMALL_HEADS = {"proj_hidden_dim": 16, "proj_output_dim": 8, "pred_hidden_dim": 16, "out_dim": 16, "hidden_dim": 16,
@@ -147,5 +152,5 @@ def test_a_method_names_exactly_the_arguments_it_refuses():
         build_method("byol", backbone, epochs=1, proj_hiden_dim=16, proj_output_dim=8, out_dim=16)
     # DINO's epochs come from trainer.epochs, so method.kwargs does not list them
     with pytest.raises(UserError, match=r"^method 'dino' does not take out_dims \(did you mean out_dim\?\); "
-                                        r"method.kwargs may set bottleneck_dim, center_momentum, clip_grad, "):
+                                        r"method.kwargs may set bottleneck_dim, center_momentum, centering, clip_grad, "):
         build_method("dino", backbone, epochs=1, out_dims=16)
