@@ -155,9 +155,8 @@ def test_resume_with_drop_path_continues_the_random_stream(data_root, tmp_path, 
     # is registered here 2 blocks deep and 32 wide (ViT-Tiny's 12 x 192 would cost most of a minute on this CPU);
     # the second block drops its branches with probability 0.5.
     monkeypatch.setitem(backbones.BACKBONES, "vit_micro", partial(VisionTransformer, dim=32, depth=2, num_heads=2))
-    vit = ["backbone=vit_tiny", "backbone.name=vit_micro", "~backbone.kwargs.stem", "~backbone.kwargs.width",
-           "backbone.kwargs.patch_size=14", "backbone.kwargs.drop_path_rate=0.5", "data.limit=48", "trainer.epochs=2",
-           "trainer.knn_every_epochs=0"]
+    vit = ["backbone=vit_tiny", "backbone.name=vit_micro", "backbone.kwargs.patch_size=14",
+           "backbone.kwargs.drop_path_rate=0.5", "data.limit=48", "trainer.epochs=2", "trainer.knn_every_epochs=0"]
     assert run_module("ssl.pretrain", *tiny(data_root, tmp_path / "reference", *vit)) == 0
 
     run = tmp_path / "interrupted"
