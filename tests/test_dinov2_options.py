@@ -2,6 +2,7 @@
 Sinkhorn-Knopp's marginals and form, KoLeo and the iBOT loss computed by hand, and the step unchanged when off."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -289,9 +290,12 @@ def test_ibot_on_a_resnet_and_unknown_options_are_user_errors():
     resnet = build_backbone("resnet18", in_channels=1)
     with pytest.raises(UserError, match="needs a ViT backbone"):
         DINO(resnet, epochs=1, ibot_weight=1.0)
-    for bad in ({"centering": "median"}, {"koleo_weight": -1.0}, {"ibot_weight": 1.0, "ibot_masking": "grid"},
-                {"ibot_weight": 1.0, "ibot_mask_ratio": (0.6, 0.2)}, {"ibot_weight": 1.0, "ibot_mask_probability": 0}):
-        with pytest.raises(UserError):
+    for bad, message in (({"centering": "median"}, "unknown method.kwargs.centering='median'"),
+                         ({"koleo_weight": -1.0}, "koleo_weight (-1.0) and ibot_weight (0.0) must be >= 0"),
+                         ({"ibot_weight": 1.0, "ibot_masking": "grid"}, "(got 'grid')"),
+                         ({"ibot_weight": 1.0, "ibot_mask_ratio": (0.6, 0.2)}, "(got [0.6, 0.2])"),
+                         ({"ibot_weight": 1.0, "ibot_mask_probability": 0}, "ibot_mask_probability <= 1 (got 0)")):
+        with pytest.raises(UserError, match=re.escape(message)):
             tiny_dino(**bad)
 
 
