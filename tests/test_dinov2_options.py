@@ -1,6 +1,7 @@
 """DINOv2's options in ssl.methods.dino (Sinkhorn-Knopp centring, KoLeo, iBOT), checked against their definitions:
 Sinkhorn-Knopp's marginals and form, KoLeo and the iBOT loss computed by hand, and the step unchanged when off."""
 
+import datetime
 import math
 import re
 from pathlib import Path
@@ -92,7 +93,8 @@ def test_sinkhorn_stays_finite_where_exp_of_the_scores_overflows():
 
 
 def two_process_worker(rank: int, init_file: str, logits: torch.Tensor, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         # unequal shares (30 + 18 rows), as the masked patches of two processes
         shard = logits[:30] if rank == 0 else logits[30:]
@@ -105,9 +107,10 @@ def test_sinkhorn_and_center_over_two_processes_equal_one_process_with_all_rows(
     logits = teacher_logits()
     with mp.Manager() as manager:
         results = manager.dict()
-        # fork: the workers need nothing but this module's function, and skip re-importing torch
+        # spawn, not fork: forking the test process after other tests started threads (DataLoader, gloo, wandb)
+        # can leave a child waiting on a lock no thread will release; CI hung here once
         mp.start_processes(two_process_worker, args=(str(tmp_path / "init"), logits, results), nprocs=2,
-                           start_method="fork")
+                           start_method="spawn")
         (targets_0, center_0), (targets_1, center_1) = results[0], results[1]
     torch.testing.assert_close(torch.cat([targets_0, targets_1]), sinkhorn_knopp(logits, 0.1), rtol=1e-5, atol=1e-7)
     expected_center = 0.9 + 0.1 * logits.mean(dim=0)  # the mean of all 48 rows, not of the two shards' means
