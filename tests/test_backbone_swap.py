@@ -152,5 +152,6 @@ def test_a_method_names_exactly_the_arguments_it_refuses():
         build_method("byol", backbone, epochs=1, proj_hiden_dim=16, proj_output_dim=8, out_dim=16)
     # DINO's epochs come from trainer.epochs, so method.kwargs does not list them
     with pytest.raises(UserError, match=r"^method 'dino' does not take out_dims \(did you mean out_dim\?\); "
-                                        r"method.kwargs may set bottleneck_dim, center_momentum, centering, clip_grad, "):
+                                        r"method.kwargs may set bottleneck_dim, center_momentum, centering, "
+                                        r"clip_grad, "):
         build_method("dino", backbone, epochs=1, out_dims=16)
