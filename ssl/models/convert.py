@@ -82,8 +82,8 @@ def read_weights(path: Path) -> Any:
         if found is None:
             raise UserError(f"{path} is not a readable torch.save file (not a pickle of tensors)") from None
         raise UserError(f"{path} holds pickled objects other than tensors ({found.group(1)}); refusing to load it, "
-                        "as it could run code. If you trust the file, save its weights alone (e.g. torch.save("
-                        "torch.load(path, weights_only=False)['state_dict'], 'weights.pt')) and convert that") from None
+                        "as it could run code. If you trust the file, load it in your own code, torch.save its "
+                        "state dict alone and convert that file") from None
     except Exception as error:  # truncated or foreign files raise many types; name the file and the cause
         if is_system_error(error):
             raise os_failure(error, path) from None
